@@ -1,0 +1,35 @@
+# One entry point per job; every target creates .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROFILE ?= cpu
+
+.PHONY: setup test test-fast lint table1 figures bench clean-results
+
+$(BIN)/paper-kd: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[cpu,test]"
+	touch $@
+
+setup: $(BIN)/paper-kd
+
+test: setup
+	$(BIN)/python -m pytest -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -ra -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+table1: setup
+	$(BIN)/python reproduce/table1.py --profile $(PROFILE)
+
+figures: setup
+	$(BIN)/python reproduce/figure_roc.py --profile $(PROFILE)
+	$(BIN)/python reproduce/figure_boost.py --profile $(PROFILE)
+
+bench: setup
+	$(BIN)/paper-kd bench

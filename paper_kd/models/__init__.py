@@ -1,0 +1,1 @@
+"""Keras 3 models: the LorentzNet teacher and the Deep Set, PFN, EFN and MLP students."""
