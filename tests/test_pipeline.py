@@ -1,0 +1,231 @@
+import numpy as np
+import pytest
+
+from paper_kd import physics
+from paper_kd.data import pipeline
+from paper_kd.data.format import JetFormatError, read_jets, write_jets
+
+
+def synthetic_jets(rng, n_jets, n_max=96):
+    """Boosted massless showers: top jets heavier (about 175 GeV) and wider than QCD jets."""
+    label = (np.arange(n_jets) % 2).astype(np.int8)
+    rng.shuffle(label)
+    multiplicity = np.where(label == 1, rng.normal(60, 12, n_jets), rng.normal(32, 9, n_jets))
+    multiplicity = np.clip(multiplicity.round(), 2, n_max).astype(int)
+    target_mass = np.where(label == 1, rng.normal(175, 12, n_jets), rng.normal(60, 20, n_jets))
+    target_mass = np.clip(target_mass, 10, None)
+
+    direction = rng.normal(size=(n_jets, n_max, 3))
+    direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
+    energy = rng.exponential(1.0, size=(n_jets, n_max, 1))
+    p4 = np.concatenate([energy, energy * direction], axis=-1)
+    p4[np.arange(n_max)[None, :] >= multiplicity[:, None]] = 0.0
+    p4 *= (target_mass / physics.mass(p4.sum(axis=1)))[:, None, None]
+    p4 = physics.boost(p4, 0.99, "x")
+    p4[..., 0] = np.linalg.norm(p4[..., 1:], axis=-1)  # massless again after rounding
+
+    order = np.argsort(-physics.pt(p4), axis=1, kind="stable")
+    p4 = np.take_along_axis(p4, order[..., None], axis=1).astype(np.float32)
+    return p4, label, multiplicity
+
+
+@pytest.fixture(scope="module")
+def jet_file(tmp_path_factory):
+    p4, label, multiplicity = synthetic_jets(np.random.default_rng(0), 1000)
+    path = write_jets(tmp_path_factory.mktemp("jets") / "train.h5", p4, label)
+    return path, p4, label, multiplicity
+
+
+def batches_of(dataset):
+    return [(inputs["p4"].numpy(), inputs["mask"].numpy(), y.numpy()) for inputs, y in dataset]
+
+
+def jet_ids(batches):
+    """The leading constituent's energy identifies a jet (all distinct in the fixture)."""
+    return np.concatenate([p4[:, 0, 0] for p4, _, _ in batches])
+
+
+def test_unshuffled_batches_are_the_file_trimmed_per_batch(jet_file):
+    path, p4, label, multiplicity = jet_file
+    dataset = pipeline.make_dataset(path, 300)
+    assert int(dataset.cardinality()) == 4
+    batches = batches_of(dataset)
+    assert [len(y) for _, _, y in batches] == [300, 300, 300, 100]
+    for k, (batch_p4, mask, y) in enumerate(batches):
+        rows = slice(300 * k, 300 * (k + 1))
+        width = multiplicity[rows].max()
+        assert batch_p4.dtype == np.float32 and mask.dtype == bool and y.dtype == np.int32
+        assert batch_p4.shape == (len(y), width, 4)
+        np.testing.assert_array_equal(batch_p4, p4[rows, :width])
+        np.testing.assert_array_equal(mask.sum(axis=1), multiplicity[rows])
+        np.testing.assert_array_equal(y, label[rows])
+        assert np.all(batch_p4[~mask] == 0) and np.all(batch_p4[mask][:, 0] > 0)
+
+
+def test_n_max_keeps_hardest_and_drop_remainder_gives_static_batches(jet_file):
+    path, p4, _, multiplicity = jet_file
+    dataset = pipeline.make_dataset(path, 128, n_max=20, drop_remainder=True)
+    assert dataset.element_spec[1].shape.as_list() == [128]
+    assert int(dataset.cardinality()) == 1000 // 128
+    batches = batches_of(dataset)
+    assert len(batches) == 1000 // 128
+    first_p4, first_mask, _ = batches[0]
+    assert first_p4.shape == (128, 20, 4)
+    np.testing.assert_array_equal(first_p4, p4[:128, :20])
+    np.testing.assert_array_equal(first_mask.sum(axis=1), np.minimum(multiplicity[:128], 20))
+
+
+def test_seeded_shuffle_is_reproducible_and_reshuffles_each_epoch(jet_file):
+    path, p4, _, _ = jet_file
+    first = pipeline.make_dataset(path, 64, shuffle=True, seed=3)
+    again = pipeline.make_dataset(path, 64, shuffle=True, seed=3)
+    other = pipeline.make_dataset(path, 64, shuffle=True, seed=4)
+
+    epoch0, epoch1 = jet_ids(batches_of(first)), jet_ids(batches_of(first))
+    np.testing.assert_array_equal(epoch0, jet_ids(batches_of(again)))
+    np.testing.assert_array_equal(epoch1, jet_ids(batches_of(again)))
+    assert not np.array_equal(epoch0, epoch1)
+    assert not np.array_equal(epoch0, jet_ids(batches_of(other)))
+    for ids in (epoch0, epoch1):
+        np.testing.assert_array_equal(np.sort(ids), np.sort(p4[:, 0, 0]))
+    assert not np.array_equal(epoch0, p4[:, 0, 0])
+
+
+def test_repeat_continues_with_the_next_epochs_shuffle(jet_file):
+    path, _, _, _ = jet_file
+    repeated = pipeline.make_dataset(path, 100, shuffle=True, seed=5, repeat=True)
+    ids = jet_ids(batches_of(repeated.take(20)))
+    single = pipeline.make_dataset(path, 100, shuffle=True, seed=5)
+    expected = np.concatenate([jet_ids(batches_of(single)), jet_ids(batches_of(single))])
+    np.testing.assert_array_equal(ids, expected)
+
+
+def test_streamed_file_gives_every_jet_once_in_full_batches(jet_file, monkeypatch):
+    path, p4, label, multiplicity = jet_file
+    monkeypatch.setattr(pipeline, "READ_BLOCK_JETS", 96)
+    monkeypatch.setattr(pipeline, "READ_WINDOW_BLOCKS", 2)
+    dataset = pipeline.make_dataset(path, 50, shuffle=True, seed=1, bucket=True, in_memory=False)
+    batches = batches_of(dataset)
+    assert [len(y) for _, _, y in batches] == [50] * 20
+    ids = jet_ids(batches)
+    order = np.argsort(p4[:, 0, 0])
+    position = order[np.searchsorted(p4[order, 0, 0], ids)]
+    np.testing.assert_array_equal(np.sort(position), np.arange(1000))
+    np.testing.assert_array_equal(np.concatenate([y for _, _, y in batches]), label[position])
+    masks = np.concatenate([m.sum(axis=1) for _, m, _ in batches])
+    np.testing.assert_array_equal(masks, multiplicity[position])
+    repeat_ids = jet_ids(batches_of(
+        pipeline.make_dataset(path, 50, shuffle=True, seed=1, bucket=True, in_memory=False)
+    ))  # fmt: skip
+    np.testing.assert_array_equal(ids, repeat_ids)
+
+
+def naive_buckets(n_constituents, batch_size, rng, window_batches):
+    """Sort each shuffled window by multiplicity, both classes together."""
+    order = rng.permutation(len(n_constituents))
+    batches = []
+    for start in range(0, len(order), window_batches * batch_size):
+        window = order[start : start + window_batches * batch_size]
+        window = window[np.argsort(n_constituents[window], kind="stable")]
+        batches += list(window.reshape(-1, batch_size))
+    return batches
+
+
+def test_bucketing_keeps_class_balance_and_cuts_padding():
+    rng = np.random.default_rng(0)
+    n_jets, batch_size = 32 * 64 * 4, 64
+    label = (rng.random(n_jets) < 0.5).astype(np.int8)
+    multiplicity = np.where(label == 1, rng.normal(60, 12, n_jets), rng.normal(32, 9, n_jets))
+    multiplicity = np.clip(multiplicity.round(), 1, 200).astype(np.int32)
+    global_fraction = label.mean()
+
+    def summary(batches):
+        deviation = np.mean([abs(label[b].mean() - global_fraction) for b in batches])
+        padded = np.sum([len(b) * multiplicity[b].max() for b in batches])
+        return deviation, padded
+
+    plain, _ = pipeline.plan_batches(multiplicity, label, batch_size, rng=np.random.default_rng(1))
+    bucketed, leftover = pipeline.plan_batches(
+        multiplicity, label, batch_size, rng=np.random.default_rng(1), bucket=True
+    )
+    naive = naive_buckets(multiplicity, batch_size, np.random.default_rng(1), 32)
+    assert len(leftover) == 0 and all(len(b) == batch_size for b in bucketed)
+    np.testing.assert_array_equal(np.sort(np.concatenate(bucketed)), np.arange(n_jets))
+
+    plain_deviation, plain_padded = summary(plain)
+    bucket_deviation, bucket_padded = summary(bucketed)
+    naive_deviation, naive_padded = summary(naive)
+    # Balanced buckets: class fraction within one jet of the window's, unlike naive sorting.
+    assert bucket_deviation < 0.02 < plain_deviation < 0.1
+    assert naive_deviation > 0.3
+    assert bucket_padded < 0.85 * plain_padded
+    assert naive_padded < bucket_padded
+
+
+def tiny_mass_model():
+    import keras
+
+    p4_in = keras.Input((None, 4), name="p4")
+    mask_in = keras.Input((None,), dtype="bool", name="mask")
+    weights = keras.ops.expand_dims(keras.ops.cast(mask_in, "float32"), -1)
+    jet = keras.ops.sum(p4_in * weights, axis=1)  # [batch, 4]
+    mass2 = jet[:, 0] ** 2 - keras.ops.sum(jet[:, 1:] ** 2, axis=-1)
+    count = keras.ops.sum(weights, axis=(1, 2))
+    features = keras.ops.stack(
+        [keras.ops.log(keras.ops.maximum(mass2, 1.0)) / 10.0, count / 50.0], axis=-1
+    )
+    hidden = keras.layers.Dense(8, activation="relu")(features)
+    logits = keras.layers.Dense(2)(hidden)
+    model = keras.Model({"p4": p4_in, "mask": mask_in}, logits)
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.02),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def test_training_with_and_without_bucketing_reaches_the_same_accuracy(tmp_path):
+    import keras
+
+    rng = np.random.default_rng(2)
+    p4, label, _ = synthetic_jets(rng, 3000)
+    train = write_jets(tmp_path / "train.h5", p4[:2400], label[:2400])
+    val = write_jets(tmp_path / "val.h5", p4[2400:], label[2400:])
+    val_inputs, val_label = pipeline.load_arrays(val)
+
+    accuracy = {}
+    for bucket in (False, True):
+        keras.utils.set_random_seed(0)
+        model = tiny_mass_model()
+        dataset = pipeline.make_dataset(train, 64, shuffle=True, seed=0, bucket=bucket)
+        model.fit(dataset, epochs=6, verbose=0)
+        logits = model.predict(val_inputs, batch_size=600, verbose=0)
+        accuracy[bucket] = np.mean(np.argmax(logits, axis=1) == val_label)
+    assert accuracy[False] > 0.9 and accuracy[True] > 0.9
+    assert abs(accuracy[True] - accuracy[False]) < 0.03
+
+
+def test_load_arrays_matches_the_file(jet_file):
+    path, p4, label, multiplicity = jet_file
+    inputs, labels = pipeline.load_arrays(path, n_max=50, max_jets=300)
+    width = min(multiplicity[:300].max(), 50)
+    assert inputs["p4"].shape == (300, width, 4) and labels.dtype == np.int32
+    np.testing.assert_array_equal(inputs["p4"], p4[:300, :width])
+    np.testing.assert_array_equal(inputs["mask"].sum(axis=1), np.minimum(multiplicity[:300], 50))
+    np.testing.assert_array_equal(labels, label[:300])
+    np.testing.assert_array_equal(read_jets(path, 0, 300, ("label",))["label"], labels)
+
+
+def test_bad_paths_name_the_file(tmp_path):
+    with pytest.raises(JetFormatError, match="no such file"):
+        pipeline.make_dataset(tmp_path / "missing.h5", 8)
+    with pytest.raises(JetFormatError, match="is a folder"):
+        pipeline.load_arrays(tmp_path)
+
+
+def test_throughput_helper_reports_jets_per_second(jet_file):
+    path, _, _, _ = jet_file
+    result = pipeline.measure_throughput(path, 100, shuffle=True, bucket=True)
+    assert result["jets"] == 900 and result["batches"] == 9
+    assert result["jets_per_s"] > 0 and 2 <= result["mean_width"] <= 96
