@@ -1,0 +1,1 @@
+"""Jet datasets: generation with Pythia 8 and FastJet, readers, the canonical format."""
