@@ -3,7 +3,7 @@ import pytest
 
 from paper_kd import physics
 from paper_kd.data import pipeline
-from paper_kd.data.format import JetFormatError, read_jets, write_jets
+from paper_kd.data.format import JetFormatError, JetWriter, read_jets, write_jets
 
 
 def synthetic_jets(rng, n_jets, n_max=96):
@@ -100,24 +100,39 @@ def test_repeat_continues_with_the_next_epochs_shuffle(jet_file):
     np.testing.assert_array_equal(ids, expected)
 
 
-def test_streamed_file_gives_every_jet_once_in_full_batches(jet_file, monkeypatch):
-    path, p4, label, multiplicity = jet_file
+@pytest.mark.parametrize("compression", ["gzip", None])
+def test_streamed_file_gives_every_jet_once_in_full_batches(
+    jet_file, monkeypatch, tmp_path, compression
+):
+    _, p4, label, multiplicity = jet_file
+    # Without compression the chunks are read by h5py instead of the thread pool.
+    path = tmp_path / "train.h5"
+    with JetWriter(path, p4.shape[1], compression=compression) as writer:
+        writer.append(p4, label)
+    assert pipeline._P4Reader(path, 10).parallel == (compression == "gzip")
     monkeypatch.setattr(pipeline, "READ_BLOCK_JETS", 96)
     monkeypatch.setattr(pipeline, "READ_WINDOW_BLOCKS", 2)
-    dataset = pipeline.make_dataset(path, 50, shuffle=True, seed=1, bucket=True, in_memory=False)
-    batches = batches_of(dataset)
+
+    def streamed():
+        return batches_of(
+            pipeline.make_dataset(path, 50, shuffle=True, seed=1, bucket=True, in_memory=False)
+        )
+
+    batches = streamed()
     assert [len(y) for _, _, y in batches] == [50] * 20
     ids = jet_ids(batches)
     order = np.argsort(p4[:, 0, 0])
     position = order[np.searchsorted(p4[order, 0, 0], ids)]
     np.testing.assert_array_equal(np.sort(position), np.arange(1000))
     np.testing.assert_array_equal(np.concatenate([y for _, _, y in batches]), label[position])
-    masks = np.concatenate([m.sum(axis=1) for _, m, _ in batches])
-    np.testing.assert_array_equal(masks, multiplicity[position])
-    repeat_ids = jet_ids(batches_of(
-        pipeline.make_dataset(path, 50, shuffle=True, seed=1, bucket=True, in_memory=False)
-    ))  # fmt: skip
-    np.testing.assert_array_equal(ids, repeat_ids)
+    start = 0
+    for batch_p4, mask, _ in batches:
+        rows = position[start : start + len(mask)]
+        start += len(mask)
+        np.testing.assert_array_equal(batch_p4, p4[rows, : batch_p4.shape[1]])
+        np.testing.assert_array_equal(mask.sum(axis=1), multiplicity[rows])
+        assert batch_p4.shape[1] == multiplicity[rows].max()
+    np.testing.assert_array_equal(ids, jet_ids(streamed()))
 
 
 def naive_buckets(n_constituents, batch_size, rng, window_batches):

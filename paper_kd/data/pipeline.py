@@ -21,9 +21,13 @@ How batches are made (all per-batch numpy, no per-jet Python):
 """
 
 import logging
+import os
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from paper_kd.data.format import JetFormatError, read_info, read_jets
@@ -63,52 +67,134 @@ def _check_path(path):
     return path
 
 
+def _decode_threads():
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+_DECODE_POOL = None
+
+
+def _decode_pool():
+    global _DECODE_POOL
+    if _DECODE_POOL is None:
+        _DECODE_POOL = ThreadPoolExecutor(_decode_threads(), thread_name_prefix="jet-decode")
+    return _DECODE_POOL
+
+
+def _decode_chunk(raw, chunk_shape, n_max):
+    """Inflate one gzip + byte-shuffle HDF5 chunk of float32 ``p4``; keep ``n_max`` constituents."""
+    planes = np.frombuffer(zlib.decompress(raw), np.uint8).reshape(4, -1)  # [byte, value]
+    values = np.empty((planes.shape[1], 4), np.uint8)
+    for byte in range(4):
+        values[:, byte] = planes[byte]
+    return values.view("<f4").reshape(chunk_shape)[:, :n_max]
+
+
+class _P4Reader:
+    """Reads ``p4[start:stop, :n_max]`` of a canonical file.
+
+    The canonical files store ``p4`` gzip-compressed with the byte-shuffle
+    filter, and inflating is what limits the read rate. When the layout allows,
+    the raw chunks are read here and inflated in a thread pool (``zlib``
+    releases the GIL), which scales with the cores; otherwise h5py reads.
+    """
+
+    def __init__(self, path, n_max):
+        self._file = h5py.File(path, "r")
+        self._p4 = self._file["p4"]
+        self.n_max = n_max
+        p4 = self._p4
+        self.parallel = (
+            p4.compression == "gzip"
+            and p4.shuffle
+            and not p4.fletcher32
+            and p4.scaleoffset is None
+            and p4.chunks is not None
+            and p4.chunks[1:] == p4.shape[1:]
+            and p4.dtype == np.dtype("<f4")
+        )
+
+    def read(self, start, stop):
+        if not self.parallel or stop <= start:
+            return self._p4[start:stop, : self.n_max]
+        size = self._p4.chunks[0]
+        first = start // size
+        chunks = range(first, (stop - 1) // size + 1)
+        raws = [self._p4.id.read_direct_chunk((c * size, 0, 0)) for c in chunks]
+        jobs = [
+            _decode_pool().submit(_decode_chunk, raw, self._p4.chunks, self.n_max)
+            if filter_mask == 0
+            # A chunk stored without some filter (rare) goes through h5py.
+            else None
+            for filter_mask, raw in raws
+        ]
+        parts = [
+            job.result() if job is not None else self._p4[c * size : (c + 1) * size, : self.n_max]
+            for c, job in zip(chunks, jobs)
+        ]
+        offset = first * size
+        return np.concatenate(parts)[start - offset : stop - offset]
+
+
 class _JetSource:
-    """Jets ``[0, n_jets)`` of one canonical file, whole in memory or as streamed windows."""
+    """Jets ``[0, n_jets)`` of one canonical file, whole in memory or as streamed windows.
+
+    Multiplicities and labels (5 bytes a jet) are always held in memory; only
+    ``p4`` is streamed.
+    """
 
     def __init__(self, path, n_max=None, max_jets=None, in_memory=None):
         self.path = _check_path(path)
         info = read_info(self.path)
         self.n_jets = info["n_jets"] if max_jets is None else min(int(max_jets), info["n_jets"])
         self.n_max = info["n_max"] if n_max is None else min(int(n_max), info["n_max"])
+        small = read_jets(self.path, 0, self.n_jets, ("n_constituents", "label"), self.n_max)
+        self.n_constituents, self.label = small["n_constituents"], small["label"]
+        self._reader = _P4Reader(self.path, self.n_max)
         if in_memory is None:
             in_memory = self.n_jets * self.n_max * 4 * 4 <= MEMORY_CACHE_BYTES
-        self.cached = self._read(0, self.n_jets) if in_memory else None
+        blocks = range(0, self.n_jets, READ_BLOCK_JETS)
+        self.cached = self._read_blocks(blocks) if in_memory else None
         log.debug(
-            "%s: %d jets, n_max %d, %s", self.path, self.n_jets, self.n_max,
+            "%s: %d jets, n_max %d, %s",
+            self.path,
+            self.n_jets,
+            self.n_max,
             "in memory" if in_memory else "streamed",
-        )  # fmt: skip
+        )
 
-    def _read(self, start, stop):
-        jets = {name: [] for name in _FIELDS}
-        for block in range(start, stop, READ_BLOCK_JETS):
-            part = read_jets(
-                self.path, block, min(block + READ_BLOCK_JETS, stop), _FIELDS, self.n_max
-            )
-            for name in _FIELDS:
-                jets[name].append(part[name])
-        if not jets["label"]:
-            return {
-                "p4": np.zeros((0, self.n_max, 4), np.float32),
-                "n_constituents": np.zeros(0, np.int32),
-                "label": np.zeros(0, np.int8),
-            }
-        return {name: np.concatenate(parts) for name, parts in jets.items()}
+    def _read_blocks(self, starts):
+        """Jets of the blocks beginning at ``starts``, concatenated in that order."""
+        rows = [np.arange(s, min(s + READ_BLOCK_JETS, self.n_jets)) for s in starts]
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        p4 = [self._reader.read(s, min(s + READ_BLOCK_JETS, self.n_jets)) for s in starts]
+        return {
+            "p4": np.concatenate(p4) if p4 else np.zeros((0, self.n_max, 4), np.float32),
+            "n_constituents": self.n_constituents[rows],
+            "label": self.label[rows],
+        }
 
     def windows(self, rng=None):
-        """Yield dicts of numpy arrays covering every jet once; block order shuffled by ``rng``."""
+        """Yield dicts of numpy arrays covering every jet once; block order shuffled by ``rng``.
+
+        While one window is being batched, the next is read in the background.
+        """
         if self.cached is not None:
             yield self.cached
             return
         starts = np.arange(0, self.n_jets, READ_BLOCK_JETS)
         if rng is not None:
             starts = rng.permutation(starts)
-        for first in range(0, len(starts), READ_WINDOW_BLOCKS):
-            blocks = [
-                self._read(start, min(start + READ_BLOCK_JETS, self.n_jets))
-                for start in starts[first : first + READ_WINDOW_BLOCKS]
-            ]
-            yield {name: np.concatenate([b[name] for b in blocks]) for name in _FIELDS}
+        groups = [
+            starts[i : i + READ_WINDOW_BLOCKS] for i in range(0, len(starts), READ_WINDOW_BLOCKS)
+        ]
+        with ThreadPoolExecutor(1, thread_name_prefix="jet-read") as ahead:
+            pending = ahead.submit(self._read_blocks, groups[0]) if groups else None
+            for k in range(len(groups)):
+                jets = pending.result()
+                if k + 1 < len(groups):
+                    pending = ahead.submit(self._read_blocks, groups[k + 1])
+                yield jets
 
 
 def _balanced_buckets(index, n_constituents, label, batch_size):
@@ -134,13 +220,20 @@ def _balanced_buckets(index, n_constituents, label, batch_size):
                 signal[signal_edges[j] : signal_edges[j + 1]],
                 background[background_edges[j] : background_edges[j + 1]],
             ]
-        )  # fmt: skip
+        )
         for j in range(n_batches)
     ]
 
 
-def plan_batches(n_constituents, label, batch_size, *, rng=None, bucket=False,
-                 window_batches=BUCKET_WINDOW_BATCHES):  # fmt: skip
+def plan_batches(
+    n_constituents,
+    label,
+    batch_size,
+    *,
+    rng=None,
+    bucket=False,
+    window_batches=BUCKET_WINDOW_BATCHES,
+):
     """Group jet indices into batches of exactly ``batch_size``.
 
     Args:
@@ -203,8 +296,19 @@ def _epoch_batches(source, batch_size, *, shuffle, seed, epoch, bucket, drop_rem
         yield assemble_batch(carry, np.arange(len(carry["label"])))
 
 
-def make_dataset(path, batch_size, *, shuffle=False, seed=0, bucket=False, n_max=None,
-                 repeat=False, drop_remainder=False, max_jets=None, in_memory=None):  # fmt: skip
+def make_dataset(
+    path,
+    batch_size,
+    *,
+    shuffle=False,
+    seed=0,
+    bucket=False,
+    n_max=None,
+    repeat=False,
+    drop_remainder=False,
+    max_jets=None,
+    in_memory=None,
+):
     """A ``tf.data.Dataset`` of model inputs and labels from one canonical file.
 
     Args:
@@ -240,9 +344,14 @@ def make_dataset(path, batch_size, *, shuffle=False, seed=0, bucket=False, n_max
             epoch = passes["count"]
             passes["count"] += 1
             yield from _epoch_batches(
-                source, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, bucket=bucket,
+                source,
+                batch_size,
+                shuffle=shuffle,
+                seed=seed,
+                epoch=epoch,
+                bucket=bucket,
                 drop_remainder=drop_remainder,
-            )  # fmt: skip
+            )
             if not repeat:
                 return
 
