@@ -1,0 +1,112 @@
+import json
+from dataclasses import replace
+
+import h5py
+import numpy as np
+import pytest
+
+from paper_kd import bench, cli
+
+
+def test_synthetic_jets_have_realistic_multiplicity_and_format():
+    inputs, labels = bench.synthetic_jets(np.random.default_rng(0), 2000, 57, n_max=200)
+    p4, mask = inputs["p4"], inputs["mask"]
+    assert p4.shape == (2000, 200, 4) and p4.dtype == np.float32 and mask.dtype == bool
+    assert mask.sum(axis=1).mean() == pytest.approx(57, abs=1.5)
+    np.testing.assert_array_equal(p4[~mask], 0.0)
+    # Massless, pT-sorted, about 600 GeV of jet pT.
+    momentum = np.linalg.norm(p4[..., 1:].astype(np.float64), axis=-1)
+    np.testing.assert_allclose(p4[..., 0], momentum, rtol=1e-5)
+    pt = np.hypot(p4[..., 1], p4[..., 2])
+    assert np.all(np.diff(pt, axis=1) <= 1e-3)
+    np.testing.assert_allclose(pt.sum(axis=1), 600.0, rtol=1e-4)
+    assert set(np.unique(labels)) == {0, 1}
+
+
+def test_matmul_section_report_and_files(tmp_path):
+    settings = bench.BenchSettings.tiny()
+    report = bench.run_bench(settings, sections=("matmul",))
+    matmul = report["sections"]["matmul"]
+    assert set(report["sections"]) == {"matmul"}
+    assert matmul["peak_gflops"] == max(matmul["gflops_by_size"].values()) > 0
+    assert report["machine"]["cpu_count"] >= 1 and report["jets"]["n_jets"] > 0
+    assert set(report["targets"]) == set(bench.TARGETS)
+    # A tiny run makes no claim about the targets.
+    assert all(target["met"] is None for target in report["targets"].values())
+
+    json_path, md_path = bench.write_report(report, tmp_path / "out")
+    assert json.loads(json_path.read_text()) == report
+    markdown = md_path.read_text()
+    assert "## matmul" in markdown and "## Targets" in markdown and "Peak:" in markdown
+    assert sorted(p.name for p in json_path.parent.iterdir()) == ["bench.json", "bench.md"]
+
+
+def test_a_failing_section_is_reported_and_does_not_stop_the_run():
+    settings = replace(bench.BenchSettings.tiny(), generation_processes=("gluon",))
+    report = bench.run_bench(settings, sections=("generation", "matmul"))
+    generation = report["sections"]["generation"]
+    assert "process must be one of" in generation["unavailable"]
+    assert report["sections"]["matmul"]["peak_gflops"] > 0
+    assert "unavailable: ValueError" in bench.markdown_report(report)
+
+
+def test_targets_are_checked_in_both_directions():
+    sections = {
+        "lorentznet": {
+            "paper": {
+                "graph": {"train_jets_per_s": 40.0, "train_fraction_of_peak": 0.1},
+                "xla": {"train_jets_per_s": 70.0, "train_fraction_of_peak": 0.4},
+            }
+        },
+        "students": {"deepset": {"latency_batch1_ms": 1.5, "inference_jets_per_s": 2e4}},
+        "distill": {"cached_over_plain": 1.1},
+    }
+    targets = bench.check_targets(sections)
+    assert targets["lorentznet_paper_train_jets_per_s"]["value"] == 70.0  # best mode counts
+    assert targets["lorentznet_paper_train_jets_per_s"]["met"] is True
+    assert targets["deepset_latency_batch1_ms"]["met"] is False
+    assert targets["deepset_jets_per_s_batch1024"]["met"] is True
+    assert targets["distill_cached_over_plain"]["met"] is True
+    assert targets["generation_fraction_of_raw"] == {
+        "target": 0.8, "value": None, "met": None, "kind": "min"
+    }  # fmt: skip
+
+
+def test_bench_command_bad_input_is_one_line(tmp_path, capsys):
+    assert cli.main(["bench", "--tiny", "--data", str(tmp_path / "none.h5")]) == 1
+    assert "none.h5: no such jet file" in capsys.readouterr().err
+
+    wrong = tmp_path / "wrong.h5"
+    with h5py.File(wrong, "w") as handle:
+        handle["p4"] = np.zeros((2, 3, 4))
+    argv = ["bench", "--tiny", "--only", "matmul", "--data", str(wrong), "-o", str(tmp_path)]
+    assert cli.main(argv) == 1
+    assert "'format'" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--only", "matmul,nonsense"])
+
+
+@pytest.mark.slow
+def test_tiny_bench_runs_every_section(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--tiny", "-o", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    sections = report["sections"]
+    assert set(sections) == set(bench.SECTIONS)
+    for name, result in sections.items():
+        assert "unavailable" not in result, (name, result)
+
+    paper = sections["lorentznet"]["paper"]["graph"]
+    assert paper["train_jets_per_s"] > 0 and paper["inference_jets_per_s"] > 0
+    for student in bench.STUDENTS:
+        result = sections["students"][student]
+        assert result["train_jets_per_s"] > 0 and result["latency_batch1_ms"] > 0
+        assert result["parameters"] > 0
+    assert sections["distill"]["cached_over_plain"] > 0
+    assert sections["generation"]["qcd"]["raw_events_per_s"] > 0
+    assert sections["generation"]["qcd"]["jets_per_s_2_processes"] >= 0
+    assert sections["pipeline"]["memory_jets_per_s"] > 0
+    assert sections["pipeline"]["file_streamed_jets_per_s"] > 0
+    assert "## students" in (out / "bench.md").read_text()
+    assert "wrote" in capsys.readouterr().out
