@@ -226,10 +226,14 @@ def test_qg_cache_layout_converts_with_split(tmp_path, caplog):
     assert read_info(tmp_path / "one" / "train.h5")["n_jets"] == 8
 
 
-def test_qg_missing_cache_says_how_to_fetch(tmp_path):
+def test_qg_missing_cache_says_how_to_fetch(tmp_path, capsys):
     (tmp_path / "datasets").mkdir()
-    with pytest.raises(JetFormatError, match=r"holds no QG_jets.npz; fetch the files with"):
-        readers.convert_qg(tmp_path, tmp_path / "out")
+    assert cli.main(["convert", "--format", "qg", str(tmp_path), str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "holds no QG_jets.npz; fetch the files with" in error
+    argv = ["convert", "--format", "toptagging", "--download", str(tmp_path), "out"]
+    assert cli.main(argv) == 1
+    assert "--download only applies to --format qg" in capsys.readouterr().err
     np.savez(tmp_path / "datasets" / "QG_jets.npz", X=np.zeros((2, 3, 4)))
     with pytest.raises(JetFormatError, match=r"QG_jets.npz: key 'y' is missing"):
         readers.convert_qg(tmp_path, tmp_path / "out")
