@@ -244,3 +244,16 @@ def test_throughput_helper_reports_jets_per_second(jet_file):
     result = pipeline.measure_throughput(path, 100, shuffle=True, bucket=True)
     assert result["jets"] == 900 and result["batches"] == 9
     assert result["jets_per_s"] > 0 and 2 <= result["mean_width"] <= 96
+
+
+def test_a_file_in_memory_is_read_once_until_it_changes(tmp_path):
+    p4, label, _ = synthetic_jets(np.random.default_rng(4), 40, n_max=8)
+    path = write_jets(tmp_path / "val.h5", p4, label)
+    first = pipeline._open_source(path)
+    assert pipeline._open_source(path) is first and first.cached is not None
+    assert pipeline._open_source(path, max_jets=10) is not first
+
+    write_jets(path, p4[::-1], label[::-1])
+    inputs, labels = pipeline.load_arrays(path)
+    np.testing.assert_array_equal(labels, label[::-1])
+    np.testing.assert_array_equal(inputs["p4"][0], p4[-1, : inputs["p4"].shape[1]])

@@ -24,6 +24,7 @@ import logging
 import os
 import time
 import zlib
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -197,6 +198,30 @@ class _JetSource:
                 yield jets
 
 
+# Files held in memory, most recent last: a trainer that builds a dataset every
+# epoch (train and validation) reads each file once, not once an epoch.
+_MEMORY_SOURCES = OrderedDict()
+_MEMORY_SOURCES_KEPT = 2
+
+
+def _open_source(path, n_max=None, max_jets=None, in_memory=None):
+    """A ``_JetSource``; one held in memory is reused while its file is unchanged."""
+    path = _check_path(path)
+    if in_memory is False or not path.is_file():
+        return _JetSource(path, n_max, max_jets, in_memory)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size, n_max, max_jets)
+    if key in _MEMORY_SOURCES:
+        _MEMORY_SOURCES.move_to_end(key)
+        return _MEMORY_SOURCES[key]
+    source = _JetSource(path, n_max, max_jets, in_memory)
+    if source.cached is not None:
+        _MEMORY_SOURCES[key] = source
+        while len(_MEMORY_SOURCES) > _MEMORY_SOURCES_KEPT:
+            _MEMORY_SOURCES.popitem(last=False)
+    return source
+
+
 def _balanced_buckets(index, n_constituents, label, batch_size):
     """Split ``index`` (a multiple of ``batch_size`` long) into multiplicity buckets.
 
@@ -335,7 +360,7 @@ def make_dataset(
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     batch_size = int(batch_size)
-    source = _JetSource(path, n_max=n_max, max_jets=max_jets, in_memory=in_memory)
+    source = _open_source(path, n_max=n_max, max_jets=max_jets, in_memory=in_memory)
     passes = {"count": 0}
 
     def generate():
@@ -381,7 +406,7 @@ def load_arrays(path, n_max=None, max_jets=None):
         ``({"p4": float32 [n, N, 4], "mask": bool [n, N]}, label int32 [n])`` with
         ``N`` the largest multiplicity in the selection (at most ``n_max``).
     """
-    source = _JetSource(path, n_max=n_max, max_jets=max_jets, in_memory=True)
+    source = _open_source(path, n_max=n_max, max_jets=max_jets, in_memory=True)
     p4, mask, label = assemble_batch(source.cached, np.arange(source.n_jets))
     return {"p4": p4, "mask": mask}, label
 
