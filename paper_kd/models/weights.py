@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["assign_torch_state", "load_state_dict", "convert_weights"]
+__all__ = ["assign_torch_state", "convert_weights", "load_state_dict", "torch_state_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,20 @@ def assign_torch_state(variables, state, model_name="model"):
     for variable, value in values:
         variable.assign(value.astype(variable.dtype))
     log.debug("%s: loaded %d tensors", model_name, len(values))
+
+
+def torch_state_dict(model):
+    """The model's weights as a PyTorch-layout state dict ``{name: np.ndarray}``.
+
+    The inverse of ``from_torch_state_dict`` for models with a published layout
+    (every transform used there is a transpose, its own inverse).
+    """
+    if not model.built:
+        model.build()
+    return {
+        name: (transform(np.asarray(variable)) if transform is not None else np.asarray(variable))
+        for name, variable, transform in model._torch_variables()
+    }
 
 
 def _strip_prefixes(state):
