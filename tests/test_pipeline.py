@@ -3,7 +3,7 @@ import pytest
 
 from paper_kd import physics
 from paper_kd.data import pipeline
-from paper_kd.data.format import JetFormatError, JetWriter, read_jets, write_jets
+from paper_kd.data.format import JetFormatError, JetWriter, read_jets, split_path, write_jets
 
 
 def synthetic_jets(rng, n_jets, n_max=96):
@@ -257,3 +257,22 @@ def test_a_file_in_memory_is_read_once_until_it_changes(tmp_path):
     inputs, labels = pipeline.load_arrays(path)
     np.testing.assert_array_equal(labels, label[::-1])
     np.testing.assert_array_equal(inputs["p4"][0], p4[-1, : inputs["p4"].shape[1]])
+
+
+def test_generated_jets_stream_in_balanced_buckets(pythia_jets_dir):
+    path = split_path(pythia_jets_dir, "train")
+    jets = read_jets(path)
+    top_fraction = jets["label"].mean()
+    dataset = pipeline.make_dataset(path, 20, shuffle=True, seed=2, bucket=True, in_memory=False)
+    batches = batches_of(dataset)
+
+    assert sum(len(y) for _, _, y in batches) == len(jets["label"])
+    for p4, mask, y in batches:
+        assert abs(y.mean() - top_fraction) <= 1 / len(y) + 1e-9
+        assert p4.shape[1] == mask.sum(axis=1).max()
+        # Real constituents are exactly the non-zero ones, pT-ordered.
+        np.testing.assert_array_equal(mask, np.any(p4 != 0, axis=-1))
+        pt = np.hypot(p4[..., 1], p4[..., 2])
+        assert np.all(np.diff(np.where(mask, pt, 0), axis=1) <= 0)
+    widths = np.sort(np.concatenate([m.sum(axis=1) for _, m, _ in batches]))
+    np.testing.assert_array_equal(widths, np.sort(jets["n_constituents"]))
