@@ -276,3 +276,15 @@ def test_generated_jets_stream_in_balanced_buckets(pythia_jets_dir):
         assert np.all(np.diff(np.where(mask, pt, 0), axis=1) <= 0)
     widths = np.sort(np.concatenate([m.sum(axis=1) for _, m, _ in batches]))
     np.testing.assert_array_equal(widths, np.sort(jets["n_constituents"]))
+
+
+def test_streaming_a_file_sorted_by_class_warns(jet_file, tmp_path, monkeypatch, caplog):
+    _, p4, label, _ = jet_file
+    order = np.argsort(label, kind="stable")
+    path = write_jets(tmp_path / "sorted.h5", p4[order], label[order])
+    monkeypatch.setattr(pipeline, "READ_BLOCK_JETS", 128)
+    pipeline.make_dataset(path, 32, shuffle=True, in_memory=False)
+    assert "the top fraction varies from 0.00 to 1.00 between blocks of 128 jets" in caplog.text
+    caplog.clear()
+    pipeline.make_dataset(jet_file[0], 32, shuffle=True, in_memory=False)
+    assert "top fraction varies" not in caplog.text

@@ -156,6 +156,8 @@ class _JetSource:
             in_memory = self.n_jets * self.n_max * 4 * 4 <= MEMORY_CACHE_BYTES
         blocks = range(0, self.n_jets, READ_BLOCK_JETS)
         self.cached = self._read_blocks(blocks) if in_memory else None
+        if self.cached is None:
+            self._warn_if_ordered_by_class()
         log.debug(
             "%s: %d jets, n_max %d, %s",
             self.path,
@@ -174,6 +176,24 @@ class _JetSource:
             "n_constituents": self.n_constituents[rows],
             "label": self.label[rows],
         }
+
+    def _warn_if_ordered_by_class(self):
+        # Limitation: a streamed file is shuffled block by block (READ_BLOCK_JETS jets), so
+        # it must already be in random order, as generated, converted and public files are.
+        # A file sorted by class would give class-skewed windows and batches.
+        fractions = [
+            self.label[start : start + READ_BLOCK_JETS].mean()
+            for start in range(0, self.n_jets, READ_BLOCK_JETS)
+        ]
+        if len(fractions) > 1 and np.ptp(fractions) > 0.2:
+            log.warning(
+                "%s: the top fraction varies from %.2f to %.2f between blocks of %d jets; "
+                "streamed batches will not be class-balanced (rewrite the file shuffled)",
+                self.path,
+                min(fractions),
+                max(fractions),
+                READ_BLOCK_JETS,
+            )
 
     def windows(self, rng=None):
         """Yield dicts of numpy arrays covering every jet once; block order shuffled by ``rng``.
