@@ -27,8 +27,14 @@ of mean multiplicity, so padding counts as waste), and one training step is
 counted as 3 times the forward pass (forward, and two matrix products per layer
 backward).
 
-Timings are wall-clock medians over repeated steps after warm-up (tracing and
-compilation excluded). They are only as good as the machine is quiet.
+Training steps are taken as ``paper-kd train`` takes them (a ``Distiller``
+with the distillation off, compiled without XLA), and again with XLA
+(``jit_compile=True``) for the teacher, which recompiles for every new batch
+width, so only the steady state is timed.
+
+Timings are wall-clock means over cycled batches (training) or medians over
+repeated calls (inference), after warm-up (tracing and compilation excluded).
+They are only as good as the machine is quiet.
 """
 
 import argparse
@@ -294,15 +300,21 @@ def _cpu_teacher_size():
         return dict(CPU_TEACHER_FALLBACK), f"assumed ({path.name} not readable: {error})"
 
 
-def _compiled_model(model, learning_rate, jit):
+def _train_step(model, learning_rate, jit):
+    """One optimizer step as ``paper-kd train`` takes it: a ``Distiller`` with T = 0.
+
+    Returns ``step(inputs, labels)``.
+    """
     import keras
 
-    model.compile(
+    from paper_kd.distill import Distiller
+
+    trainer = Distiller(None, model, temperature=0.0, weight=0.0)
+    trainer.compile(
         optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=0.01, epsilon=1e-8),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit,
     )
-    return model
+    return trainer.train_on_batch
 
 
 def _traced_call(model, jit):
@@ -342,10 +354,7 @@ def bench_lorentznet(settings, jets, peak_gflops=None):
             result.update(_model_size(model))
             flops = result["flops_per_jet"]
 
-            _compiled_model(model, 1e-3, jit)
-            train = _cycle_seconds(
-                lambda x, y, model=model: model.train_on_batch(x, y), batches, settings.steps
-            )
+            train = _cycle_seconds(_train_step(model, 1e-3, jit), batches, settings.steps)
             infer = _cycle_seconds(_traced_call(model, jit), batches, settings.steps)
             key = "xla" if jit else "graph"
             train_rate = settings.teacher_batch / train
@@ -381,10 +390,7 @@ def bench_students(settings, jets, peak_gflops=None):
         model(train_batches[0][0])
         size = _model_size(model)
         flops = size["flops_per_jet"]
-        _compiled_model(model, 2e-4, False)
-        train = _cycle_seconds(
-            lambda x, y, model=model: model.train_on_batch(x, y), train_batches, settings.steps
-        )
+        train = _cycle_seconds(_train_step(model, 2e-4, False), train_batches, settings.steps)
         call = _traced_call(model, False)
         latency = _median_seconds(lambda call=call: call(single), settings.latency_calls, 5)
         batch_seconds = _median_seconds(lambda call=call: call(big), settings.steps, 2)
@@ -501,15 +507,15 @@ def bench_pipeline(settings, jets, data_path=None):
 
         model = build_model("deepset", **_student_hparams(settings, "deepset"))
         model(memory[0][0])
-        _compiled_model(model, 2e-4, False)
+        step = _train_step(model, 2e-4, False)
         for x, y in memory:  # trace every width before any timing
-            model.train_on_batch(x, y)
+            step(x, y)
 
         def run(feed):
             start = time.perf_counter()
             steps = 0
             for x, y in feed:
-                model.train_on_batch(x, y)
+                step(x, y)
                 steps += 1
             return steps * batch_size / (time.perf_counter() - start)
 
@@ -787,7 +793,7 @@ def _sections(text):
 
 
 def add_arguments(parser):
-    parser.add_argument("-o", "--output-dir", default="results/bench", help="report folder")
+    parser.add_argument("-o", "--output-dir", default="runs/bench", help="report folder")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fewer repetitions, a few minutes")
     mode.add_argument("--tiny", action="store_true", help="toy sizes: proves every section runs")

@@ -489,6 +489,8 @@ def evaluate_model(
     inputs, labels = _read_test_arrays(path, n_max=n_max, max_jets=max_jets)
     log.info("evaluating %s on %d jets of %s", type(model).__name__, len(labels), path)
 
+    if batch_size is None:
+        batch_size = default_batch_size(model, inputs["p4"].shape[1])
     scores = predict_scores(model, inputs, batch_size)
     metrics = tagging_metrics(labels, scores, n_bootstrap=n_bootstrap, seed=seed)
     result = {
