@@ -63,6 +63,11 @@ def distillation_loss(teacher_logits, student_logits, temperature):
     return ops.mean(kl)
 
 
+def _student_inputs(inputs):
+    # The mask may arrive as numbers (see ``paper_kd.train``): the models take booleans.
+    return {"p4": inputs["p4"], "mask": ops.cast(inputs["mask"], "bool")}
+
+
 def _replicas_in_sync():
     import tensorflow as tf
 
@@ -123,8 +128,7 @@ class Distiller(keras.Model):
         ]
 
     def call(self, inputs, training=False):
-        inputs = {key: value for key, value in inputs.items() if key != TEACHER_LOGITS}
-        return self.student(inputs, training=training)
+        return self.student(_student_inputs(inputs), training=training)
 
     def soft_weight(self, step):
         """``w = lambda * decay(step)``; ``step`` counts from 1 at the first update."""
@@ -138,8 +142,7 @@ class Distiller(keras.Model):
     def _teacher_logits(self, inputs):
         if TEACHER_LOGITS in inputs:
             return ops.stop_gradient(ops.cast(inputs[TEACHER_LOGITS], "float32"))
-        student_inputs = {key: inputs[key] for key in ("p4", "mask")}
-        return ops.stop_gradient(self.teacher(student_inputs, training=False))
+        return ops.stop_gradient(self.teacher(_student_inputs(inputs), training=False))
 
     def _step_losses(self, inputs, labels, student_logits, step):
         hard = hard_loss(labels, student_logits)
@@ -164,7 +167,7 @@ class Distiller(keras.Model):
         import tensorflow as tf
 
         inputs, labels = data[0], data[1]
-        student_inputs = {key: inputs[key] for key in ("p4", "mask")}
+        student_inputs = _student_inputs(inputs)
         step = self.optimizer.iterations + 1
 
         with tf.GradientTape() as tape:
@@ -180,7 +183,7 @@ class Distiller(keras.Model):
 
     def test_step(self, data):
         inputs, labels = data[0], data[1]
-        student_inputs = {key: inputs[key] for key in ("p4", "mask")}
+        student_inputs = _student_inputs(inputs)
         student_logits = self.student(student_inputs, training=False)
         step = self.optimizer.iterations if self.optimizer is not None else 0
         total, hard, soft = self._step_losses(inputs, labels, student_logits, step)

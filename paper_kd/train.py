@@ -180,6 +180,25 @@ def _augment(dataset, augment_beta, direction, seed):
     return dataset.enumerate().map(boost_batch, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def _numeric_mask(dataset_or_factory):
+    """The same batches with ``mask`` as float32.
+
+    Keras builds a model under a multi-replica strategy from the mean of one
+    batch over replicas, which fails on a boolean tensor; ``Distiller`` turns
+    the mask back into booleans before any model sees it.
+    """
+    import tensorflow as tf
+
+    def convert(dataset):
+        return dataset.map(
+            lambda inputs, label: ({**inputs, "mask": tf.cast(inputs["mask"], tf.float32)}, label)
+        )
+
+    if callable(dataset_or_factory):
+        return lambda epoch: convert(dataset_or_factory(epoch))
+    return convert(dataset_or_factory)
+
+
 def _data_fingerprint(jets):
     digest = hashlib.sha256()
     for name in ("p4", "n_constituents", "label"):
@@ -447,9 +466,10 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
         student = build_model(config["model"]["name"], **config["model"]["hparams"])
         if distilling and teacher is None:
             teacher = _load_teacher(config)
-    if not distilling:
-        teacher = None
-    _check_outputs(teacher, student, sample, source)
+        if not distilling:
+            teacher = None
+        # Also creates the student's variables, which must be made inside the scope.
+        _check_outputs(teacher, student, sample, source)
 
     use_cache = distilling and distillation["cache"] is not False
     if use_cache and training["augment_beta"] > 0:
@@ -516,6 +536,10 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
         val_dataset = make_dataset(
             val_path, batch_size, n_max=config["data"]["n_max"], max_jets=n_val
         )
+
+    if n_replicas > 1:
+        train_dataset = _numeric_mask(train_dataset)
+        val_dataset = _numeric_mask(val_dataset)
 
     # Resume.
     output_dir.mkdir(parents=True, exist_ok=True)
