@@ -7,7 +7,9 @@ Convention (the same for every architecture, so rows compare):
   statistics are buffers and are not counted.
 - ``macs_per_jet``: one MAC per multiply-accumulate of every dense layer
   (``n_in * n_out`` per row it is applied to), plus one per element of a
-  pooling sum over constituents (``n_constituents * latent``). Biases,
+  pooling sum over constituents (``n_constituents * latent``). Layers are
+  counted where the model runs them: the Deep Set applies the last Linear of
+  ``phi`` after the pooling (it commutes with the sum), once per jet. Biases,
   activations, BatchNorm (an affine map at inference), feature computation and
   elementwise products are not counted: they are a few percent at most.
 - A jet has ``n_constituents`` real constituents (57 by default, about the mean
@@ -55,9 +57,10 @@ def _macs(model, n):
     config = model.get_config()
     if isinstance(model, DeepSet):
         width, latent, depth = config["width"], config["latent"], config["depth"]
-        phi = [4] + [width] * (depth - 1) + [latent]
+        # The last Linear of phi runs after the pooling, once per jet (see DeepSet).
+        phi = [4] + [width] * (depth - 1)
         rho = [latent] + [width] * (depth - 1) + [config["n_classes"]]
-        return n * _chain_macs(phi) + n * latent + _chain_macs(rho)
+        return n * _chain_macs(phi) + n * phi[-1] + phi[-1] * latent + _chain_macs(rho)
     if isinstance(model, MLP):
         inputs = config["n_constituents"] * config["n_features"]
         sizes = [inputs] + [config["width"]] * (config["depth"] - 1) + [config["n_classes"]]
