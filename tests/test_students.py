@@ -104,6 +104,23 @@ def test_reference_mass_is_rounding_noise_and_stable_mass_is_zero():
     assert 0 < noise.max() < 1.0  # float32 rounding of E^2 - p^2, a fraction of a GeV
 
 
+@pytest.mark.parametrize("name", SET_MODELS + ("mlp",))
+def test_stable_models_ignore_float32_rounding_of_energies(name):
+    model = built(name)
+    p4, mask = make_jets()
+    nudged = p4.copy()
+    nudged[..., 0] = np.nextafter(nudged[..., 0], np.float32(np.inf))  # one ulp up
+    reference = logits(model, p4, mask)
+    change = np.abs(logits(model, nudged, mask) - reference) / (1 + np.abs(reference))
+    assert change.max() < 1e-4
+    if name == "deepset":
+        # The reference arithmetic reads the rounding noise as a mass: the same nudge shows.
+        model = built(name, arithmetic="reference")
+        reference = logits(model, p4, mask)
+        change = np.abs(logits(model, nudged, mask) - reference) / (1 + np.abs(reference))
+        assert change.max() > 1e-4
+
+
 def test_massive_constituent_mass():
     p4 = np.array([[[5.0, 3.0, 0.0, 0.0], [10.0, 6.0, 0.0, 0.0]]], dtype=np.float32)
     mask = np.array([[True, True]])
@@ -228,6 +245,26 @@ def test_published_deepset_layout_and_size():
     linear, norm = 128 * 128 + 128, 4 * 128
     assert model.count_params() == (4 * 128 + 128) + 4 * linear + 5 * norm + (2 * 128 + 2)
     assert model.count_params() == 69506
+
+
+def test_deepset_pooling_before_last_phi_layer_is_exact():
+    """phi's last Linear runs after the pooling; check against running it per constituent."""
+    model = built("deepset")
+    p4, mask = make_jets()
+    features, pt_fraction = model.constituent_features(p4, mask)
+    hidden = np.asarray(features)
+    for dense, norm in zip(model.phi_dense, model.phi_norm):
+        hidden = np.asarray(dense(hidden))
+        hidden = np.where(hidden > 0, hidden, 0.01 * hidden)
+        hidden = np.asarray(norm(hidden, training=False))
+    phi = hidden @ np.asarray(model.phi_out.kernel) + np.asarray(model.phi_out.bias)
+    pooled = np.einsum("bn,bnl->bl", np.asarray(pt_fraction), phi)  # per-constituent phi
+    hidden = np.asarray(model.rho_input_norm(pooled, training=False))
+    for dense, norm in zip(model.rho_dense, model.rho_norm):
+        hidden = np.asarray(dense(hidden))
+        hidden = np.asarray(norm(np.where(hidden > 0, hidden, 0.01 * hidden), training=False))
+    expected = np.asarray(model.classifier(hidden))
+    np.testing.assert_allclose(logits(model, p4, mask), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_masked_batch_norm_ignores_padding_in_training():
