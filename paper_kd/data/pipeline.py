@@ -18,6 +18,20 @@ How batches are made (all per-batch numpy, no per-jet Python):
   top and QCD jets of the same multiplicity rank and its class balance follows
   the dataset's (top jets have more constituents: sorting the two classes
   together would give batches of mostly QCD and batches of mostly top jets).
+
+Limitation: bucketed batches are not alike, and that can cost accuracy in
+training. Inside a class-balanced bucket the top jets sit at the same rank of
+their multiplicity distribution as the QCD jets, so "more constituents than the
+rest of the batch" separates the classes almost perfectly; a model with
+BatchNorm (training-mode batch statistics) learns that and loses it at
+inference. Measured with a small Deep Set (width 32, 5 epochs, 2400 synthetic
+jets, top/QCD multiplicity 64/50 +- 14): validation accuracy 0.835 unbucketed,
+0.795 bucketed (training accuracy 0.94), 0.788 with naive sorting. With
+well-separated classes (the tests' jets, multiplicity 60 +- 12 / 32 +- 9) it is
+0.988 unbucketed, 0.993 bucketed, 0.912 with naive sorting. Large constant learning
+rates show the same effect without BatchNorm. Bucketing is exact for inference
+(every jet is scored on its own), where it saves the padding; for training,
+compare against ``bucket=False`` before relying on it.
 """
 
 import logging
