@@ -64,6 +64,9 @@ def _check_arithmetic(arithmetic):
     return arithmetic
 
 
+# Limitation: Keras updates the moving variance with the biased batch variance where
+# PyTorch uses the unbiased one; they differ by n / (n - 1), negligible for batches of
+# thousands of constituents, so trained models are unaffected in practice.
 def _batch_norm(name):
     return layers.BatchNormalization(momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, name=name)
 
