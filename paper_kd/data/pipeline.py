@@ -26,7 +26,8 @@ rest of the batch" separates the classes almost perfectly; a model with
 BatchNorm (training-mode batch statistics) learns that and loses it at
 inference. Measured with a small Deep Set (width 32, 5 epochs, 2400 synthetic
 jets, top/QCD multiplicity 64/50 +- 14): validation accuracy 0.835 unbucketed,
-0.795 bucketed (training accuracy 0.94), 0.788 with naive sorting. With
+0.795 bucketed (training accuracy 0.94), 0.788 with naive sorting; over 10
+epochs with a cosine-decayed rate, 0.855 against 0.810 (training 0.96). With
 well-separated classes (the tests' jets, multiplicity 60 +- 12 / 32 +- 9) it is
 0.988 unbucketed, 0.993 bucketed, 0.912 with naive sorting. Large constant learning
 rates show the same effect without BatchNorm. Bucketing is exact for inference
