@@ -25,7 +25,7 @@ def known_file(tmp_path):
     p4[3, 2:4] = massless_pair(30.0, pt=300.0)
     p4[3, 2:4, 2] *= -1.0  # turn the second pair so the jet mass is not simply 2 * 30 GeV
     path = tmp_path / "known.h5"
-    with JetWriter(path, 6, {"source": "unit"}) as writer:
+    with JetWriter(path, 6, {"source": "unit", "generator": "hand-made"}) as writer:
         writer.append(p4, np.array([1, 1, 1, 0], np.int8))
     return path
 
@@ -46,6 +46,9 @@ def test_summary_counts_and_histograms_have_the_right_values(known_file):
     assert multiplicity["edges"][0] == 0 and multiplicity["edges"][-1] >= 4
     assert summary["pt"]["mean"]["top"] == pytest.approx(600.0, rel=1e-5)
     assert summary["pt"]["mean"]["qcd"] == pytest.approx(600.0, rel=1e-5)
+    # Without a generator window the pT bins are round numbers around the jets.
+    assert summary["pt"]["edges"][0] == 600.0 and summary["pt"]["edges"][-1] == 610.0
+    assert sum(summary["pt"]["top"]) == 3
 
 
 def test_text_report_shows_balance_and_each_histogram(known_file):

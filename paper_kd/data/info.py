@@ -30,9 +30,11 @@ BAR_WIDTH = 24
 
 
 def _pt_bins(provenance, jet_pt, n_bins=10):
-    window = (provenance.get("generator") or {}).get("jet_pt_window")
+    generator = provenance.get("generator")
+    window = generator.get("jet_pt_window") if isinstance(generator, dict) else None
     if window is None and len(jet_pt):
-        window = (np.floor(jet_pt.min()), np.ceil(jet_pt.max()))
+        low, high = 10 * np.floor(jet_pt.min() / 10), 10 * np.ceil(jet_pt.max() / 10)
+        window = (low, max(high, low + 10))
     return np.linspace(*(window or (0.0, 1.0)), n_bins + 1)
 
 
