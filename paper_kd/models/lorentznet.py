@@ -77,13 +77,18 @@ def _dot(a, b, arithmetic):
     if arithmetic != "reference":
         return minkowski_dot(a, b)
     # The published float32 formula with its rounding: every product rounded on its
-    # own, then summed left to right. XLA always contracts a product feeding a sum
-    # into one fused multiply-add, which changes exactly the rounding noise the
-    # published weights read (parity drops from 1e-6 to 6e-2 median), so the
-    # products pass through a conditional XLA cannot fuse across. Without XLA this
-    # equals ``reference_dot`` bit for bit.
+    # own, then summed left to right. Two compilers would change that rounding, which
+    # is exactly the noise the published weights read: XLA always contracts a product
+    # feeding a sum into one fused multiply-add (parity drops from 1e-6 to 6e-2
+    # median), so the products pass through a conditional XLA cannot fuse across;
+    # TensorFlow's graph optimizer may regroup a chain of additions, so each partial
+    # sum is rounded through float64 (exact: float32 + float32 rounded twice via
+    # float64 equals the float32 sum). Equals ``reference_dot`` bit for bit.
     products = _unfused(a * b)
-    total = ((products[..., 0] + products[..., 1]) + products[..., 2]) + products[..., 3]
+    total = products[..., 0]
+    for component in range(1, 4):
+        wide = ops.cast(total, "float64") + ops.cast(products[..., component], "float64")
+        total = ops.cast(wide, products.dtype)
     return 2.0 * products[..., 0] - total
 
 
@@ -232,6 +237,8 @@ class LorentzEquivariantBlock(keras.layers.Layer):
         self.node_out = keras.layers.Dense(hidden, name="node_out")
 
     def build(self, input_shape=None):
+        if self.built:
+            return
         hidden = self.n_hidden
         # phi_e's first Linear on [h_i, h_j, norm_ij, dot_ij]: rows in that order.
         self.edge_kernel = self.add_weight(
@@ -383,8 +390,13 @@ class LorentzNet(keras.Model):
         )
         self.decoder_dropout = keras.layers.Dropout(self.dropout, name="decoder_dropout")
         self.decoder_out = keras.layers.Dense(self.n_classes, name="decoder_out")
+        # Every weight's shape is known without an input: build now, so weights can be
+        # set, counted or loaded before the first call.
+        self.build()
 
     def build(self, input_shape=None):
+        if self.built:
+            return
         self.embedding.build((None, self.n_scalar))
         for block in self.blocks:
             block.build()
@@ -463,7 +475,6 @@ class LorentzNet(keras.Model):
                 nothing is loaded in that case.
         """
         model = cls(**hparams)
-        model.build()
         state = _strip_prefix(state, "module.")
         targets = model._torch_targets()
 
@@ -541,7 +552,7 @@ def _strip_prefix(state, prefix):
     return dict(state)
 
 
-def lorentznet_parity(npz_path, jit_compile=False):
+def lorentznet_parity(npz_path, jit_compile=False, max_batches=None):
     """Compare the published LorentzNet logits stored in a fixture with this model's.
 
     Loads the fixture's ``w/<name>`` state dict with the published settings
@@ -553,6 +564,7 @@ def lorentznet_parity(npz_path, jit_compile=False):
     Args:
         npz_path: fixture with ``p4, logits, batch_size, padded_nodes, w/...``.
         jit_compile: run the forward pass with XLA.
+        max_batches: compare only the first batches (all by default).
 
     Returns:
         ``{"median", "p99", "max"}`` of ``|delta logit| / (1 + |logit|)`` over all logits,
@@ -593,6 +605,9 @@ def lorentznet_parity(npz_path, jit_compile=False):
         jit_compile=jit_compile,
         reduce_retracing=True,
     )
+    padded_nodes = padded_nodes[:max_batches]
+    n_jets = min(n_jets, len(padded_nodes) * batch_size)
+    reference = reference[:n_jets]
     logits = []
     for index, n_nodes in enumerate(padded_nodes):
         batch = p4[index * batch_size : (index + 1) * batch_size, : int(n_nodes) - 2]
