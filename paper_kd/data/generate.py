@@ -134,7 +134,8 @@ QUIET_SETTINGS = (
 )
 NEUTRINOS = (12, 14, 16)
 # Events per nextBatch call: large enough to amortize the Python work, small
-# enough for a smooth progress bar. Part of the recipe: output depends on it.
+# enough for a smooth progress bar. A shard keeps its first jets in event
+# order, so the jets do not depend on it.
 BATCH_EVENTS = 32
 SHARD_JETS = 5000
 # Pythia accepts seeds in [1, 900 000 000].
