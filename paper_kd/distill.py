@@ -64,7 +64,7 @@ def distillation_loss(teacher_logits, student_logits, temperature):
 
 
 def _student_inputs(inputs):
-    # The mask may arrive as numbers (see ``paper_kd.train``): the models take booleans.
+    # Only the model inputs, cached logits removed; a numeric mask becomes boolean.
     return {"p4": inputs["p4"], "mask": ops.cast(inputs["mask"], "bool")}
 
 
@@ -72,6 +72,16 @@ def _replicas_in_sync():
     import tensorflow as tf
 
     return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _multi_worker():
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return False
+    return sum(len(tasks) for tasks in resolver.cluster_spec().as_dict().values()) > 1
 
 
 @keras.saving.register_keras_serializable(package="paper_kd")
@@ -130,6 +140,14 @@ class Distiller(keras.Model):
     def call(self, inputs, training=False):
         return self.student(_student_inputs(inputs), training=training)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras builds a model under a tf.distribute strategy from one batch
+        # averaged over replicas: that fails on the boolean mask, on multi-worker
+        # batches, and takes a batch from the epoch's iterator. Nothing needs
+        # it here: ``train`` builds the student and the optimizer beforehand,
+        # and the metrics are built on creation.
+        return
+
     def soft_weight(self, step):
         """``w = lambda * decay(step)``; ``step`` counts from 1 at the first update."""
         if not self.distilling:
@@ -161,7 +179,11 @@ class Distiller(keras.Model):
         difference = student_logits[:, 1] - student_logits[:, 0]  # [batch]
         self.accuracy_metric.update_state(labels, difference)
         self.auc_metric.update_state(labels, difference)
-        return {metric.name: metric.result() for metric in self.metrics}
+        results = {metric.name: metric.result() for metric in self.metrics}
+        if _multi_worker():
+            # Keras averages step results over workers along axis 0, which a scalar lacks.
+            results = {name: ops.reshape(value, (1,)) for name, value in results.items()}
+        return results
 
     def train_step(self, data):
         import tensorflow as tf

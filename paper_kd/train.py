@@ -68,6 +68,17 @@ def default_strategy():
     return tf.distribute.get_strategy()
 
 
+def _is_chief(strategy):
+    """Whether this process writes the run's files (one writer per multi-worker cluster)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
 def make_optimizer(config, steps_per_epoch):
     """AdamW with the config's settings (PyTorch defaults) and learning-rate schedule."""
     import keras
@@ -178,25 +189,6 @@ def _augment(dataset, augment_beta, direction, seed):
         return {**inputs, "p4": boosted}, label
 
     return dataset.enumerate().map(boost_batch, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def _numeric_mask(dataset_or_factory):
-    """The same batches with ``mask`` as float32.
-
-    Keras builds a model under a multi-replica strategy from the mean of one
-    batch over replicas, which fails on a boolean tensor; ``Distiller`` turns
-    the mask back into booleans before any model sees it.
-    """
-    import tensorflow as tf
-
-    def convert(dataset):
-        return dataset.map(
-            lambda inputs, label: ({**inputs, "mask": tf.cast(inputs["mask"], tf.float32)}, label)
-        )
-
-    if callable(dataset_or_factory):
-        return lambda epoch: convert(dataset_or_factory(epoch))
-    return convert(dataset_or_factory)
 
 
 def _data_fingerprint(jets):
@@ -537,10 +529,6 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
             val_path, batch_size, n_max=config["data"]["n_max"], max_jets=n_val
         )
 
-    if n_replicas > 1:
-        train_dataset = _numeric_mask(train_dataset)
-        val_dataset = _numeric_mask(val_dataset)
-
     # Resume.
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = output_dir / CHECKPOINT_NAME
@@ -561,7 +549,11 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
         state.update(saved_state)
         log.info("resuming %s after epoch %d", config["name"], state["epoch"])
     state["config"] = view
-    _write_config(output_dir, config)
+    # Limitation: with several workers, output.dir must be a folder all of them
+    # see (they resume from the chief's checkpoint); only the chief writes there.
+    chief = _is_chief(strategy)
+    if chief:
+        _write_config(output_dir, config)
 
     def learning_rate():
         schedule = optimizer._learning_rate
@@ -597,9 +589,11 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
             state["best_val_accuracy"] = logs["val_accuracy"]
             state["best_epoch"] = epoch
             best_values = _values(student.variables)
-            _save_student(student, output_dir / BEST_MODEL_NAME)
+            if chief:
+                _save_student(student, output_dir / BEST_MODEL_NAME)
         state["epoch"] = epoch + 1
-        _save_checkpoint(checkpoint_path, student, optimizer, state, best_values)
+        if chief:
+            _save_checkpoint(checkpoint_path, student, optimizer, state, best_values)
         log.info(
             "epoch %d/%d: val_accuracy %.4f (best %.4f at epoch %d)", epoch + 1, epochs,
             logs.get("val_accuracy", float("nan")), state["best_val_accuracy"],
@@ -611,10 +605,11 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
 
     if best_values is not None:
         _assign(student.variables, best_values, "student", checkpoint_path)
-    _atomic_write(
-        output_dir / "history.json",
-        lambda handle: handle.write(json.dumps(history, indent=1).encode()),
-    )
+    if chief:
+        _atomic_write(
+            output_dir / "history.json",
+            lambda handle: handle.write(json.dumps(history, indent=1).encode()),
+        )
     return TrainResult(student, history, state["best_epoch"], output_dir)
 
 

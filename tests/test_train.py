@@ -326,3 +326,65 @@ def test_mirrored_strategy_on_two_cpu_devices_matches_one_device(jets_dir, tmp_p
     assert report["replicas"] == 2
     assert report["difference"] < 1e-6
     assert report["loss"][0] == pytest.approx(report["loss"][1], rel=1e-5)
+
+
+WORKER_SCRIPT = """
+import json, sys
+import paper_kd
+from paper_kd.train import default_strategy, train
+
+strategy = default_strategy()
+result = train(json.loads(sys.argv[1]), strategy=strategy)
+weights = float(sum(abs(v.numpy()).sum() for v in result.model.trainable_variables))
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "loss": result.history["loss"],
+                  "weights": weights}))
+"""
+
+
+def _free_ports(count):
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for handle in sockets:
+        handle.bind(("localhost", 0))
+    ports = [handle.getsockname()[1] for handle in sockets]
+    for handle in sockets:
+        handle.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multi_worker_strategy_from_tf_config(jets_dir, tmp_path):
+    import os
+
+    config = tiny_config(
+        jets_dir,
+        tmp_path / "run",
+        model={"name": "mlp", "hparams": {"n_constituents": 16, "width": 8, "depth": 1}},
+        training={"epochs": 1},
+    )
+    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config)}
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", textwrap.dedent(WORKER_SCRIPT), json.dumps(config)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=REPO,
+            )  # fmt: skip
+        )
+    reports = []
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    assert [report["replicas"] for report in reports] == [2, 2]
+    assert reports[0]["loss"] == reports[1]["loss"]  # one synchronized model
+    assert reports[0]["weights"] == pytest.approx(reports[1]["weights"], rel=1e-6)
+    # Only the chief (worker 0) wrote the run's files.
+    assert (tmp_path / "run" / "checkpoint.npz").exists()
