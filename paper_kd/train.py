@@ -434,6 +434,7 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
 
     from paper_kd.distill import Distiller, batch_independent
     from paper_kd.models import build_model
+    from paper_kd.schedules import make_schedule
 
     config = load_config(config)
     source = config["source"]
@@ -449,10 +450,11 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
     _seed_everything(seed, training["deterministic"])
     strategy = strategy or default_strategy()
 
-    val_jets = _read_split(val_path, n_val, config["data"]["n_max"])
     from paper_kd.data.pipeline import assemble_batch
 
-    sample_p4, sample_mask, _ = assemble_batch(val_jets, np.arange(min(16, n_val)))
+    # A few validation jets: to check the models' outputs and build them.
+    first_jets = _read_split(val_path, min(16, n_val), config["data"]["n_max"])
+    sample_p4, sample_mask, _ = assemble_batch(first_jets, np.arange(len(first_jets["label"])))
     sample = {"p4": sample_p4, "mask": sample_mask}
     with strategy.scope():
         student = build_model(config["model"]["name"], **config["model"]["hparams"])
@@ -473,10 +475,11 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
     if distilling and distillation["cache"] is True and not use_cache:
         raise ConfigError(f"{source}: key 'distillation.cache' is true but {reason}")
 
-    train_jets = train_logits = val_logits = None
+    train_jets = val_jets = train_logits = val_logits = None
     if use_cache:
         cache_dir = distillation["cache_dir"] or output_dir / "teacher_cache"
         train_jets = _read_split(train_path, n_train, config["data"]["n_max"])
+        val_jets = _read_split(val_path, n_val, config["data"]["n_max"])
         train_logits = cached_teacher_logits(teacher, train_jets, cache_dir)
         val_logits = cached_teacher_logits(teacher, val_jets, cache_dir)
 
@@ -555,12 +558,16 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
     if chief:
         _write_config(output_dir, config)
 
+    schedule = make_schedule(
+        config["schedule"], config["optimizer"]["learning_rate"], steps_per_epoch, epochs
+    )
+
     def learning_rate():
-        schedule = optimizer._learning_rate
-        if callable(schedule):
-            step = max(int(optimizer.iterations.numpy()) - 1, 0)
-            return float(keras.ops.convert_to_numpy(schedule(step)))
-        return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        """The rate of the epoch's last step (the optimizer's own is the next step's)."""
+        if not callable(schedule):
+            return float(schedule)
+        step = max(int(optimizer.iterations.numpy()) - 1, 0)
+        return float(keras.ops.convert_to_numpy(schedule(step)))
 
     outer = keras.callbacks.CallbackList(
         list(callbacks), model=distiller, epochs=epochs, steps=steps_per_epoch,
