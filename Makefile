@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROFILE ?= cpu
 
-.PHONY: setup test test-fast lint table1 figures bench clean-results
+.PHONY: setup test test-fast lint table1 figures results bench clean-results
 
 $(BIN)/paper-kd: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ table1: setup
 figures: setup
 	$(BIN)/python reproduce/figure_roc.py --profile $(PROFILE)
 	$(BIN)/python reproduce/figure_boost.py --profile $(PROFILE)
+
+# Table 1 and both figures, then the README's Results section (figures reuse Table 1's models).
+results: setup
+	$(BIN)/python reproduce/table1.py --profile $(PROFILE)
+	$(BIN)/python reproduce/figure_roc.py --profile $(PROFILE)
+	$(BIN)/python reproduce/figure_boost.py --profile $(PROFILE)
+	$(BIN)/python reproduce/table1.py --profile $(PROFILE) --update-readme
 
 bench: setup
 	$(BIN)/paper-kd bench

@@ -90,6 +90,10 @@ _KEY_IGNORED = (
 )
 # Signal efficiencies at which a ROC curve is stored for the figure.
 ROC_GRID = np.round(np.linspace(0.05, 1.0, 96), 4)
+# The published teacher on the reference test set (Gong et al., JHEP 07 (2022) 030).
+PUBLISHED_TEACHER = {"dataset": "Top Quark Tagging Reference Dataset, test split",
+                     "accuracy": 0.9425, "auc": 0.9870, "rejection_50": 534,
+                     "rejection_30": 2193}  # fmt: skip
 
 
 class ProfileError(ValueError):
@@ -101,10 +105,18 @@ class ProfileError(ValueError):
 
 
 def _merge(base, override):
-    """Deep merge of two config dicts; ``override`` wins."""
+    """Deep merge of two config dicts; ``override`` wins.
+
+    A section whose ``name`` changes (another schedule, another model) is
+    replaced, not merged: the old one's options would not apply.
+    """
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        renamed = (
+            isinstance(value, dict) and isinstance(out.get(key), dict)
+            and "name" in value and value["name"] != out[key].get("name")
+        )  # fmt: skip
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not renamed:
             out[key] = _merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -275,13 +287,15 @@ def _digits(error, default=3):
 def format_value(stat, kind="fraction", latex=False):
     """``0.912 ± 0.003`` (or ``> 1000`` for a lower bound), to the error's precision."""
     mean, error = stat["mean"], stat["error"]
+    if mean is None or not np.isfinite(mean):
+        return "n/a"  # undefined, e.g. an invariance score when accuracy never exceeds 0.5
     pm = r" \pm " if latex else " ± "
     if kind == "rejection":
         if stat["lower_bound"]:
             return (r"$> %d$" if latex else "> %d") % int(mean)
         digits = min(_digits(error, 0), 1)
     else:
-        digits = _digits(error, 4)
+        digits = _digits(error, 3)
     text = f"{mean:.{digits}f}"
     if error is not None and np.isfinite(error):
         text += f"{pm}{error:.{digits}f}"
@@ -396,6 +410,15 @@ def claims(results):
                 f"- {distilled['label']} vs {scratch['label']}: {what} {verdict} by "
                 f"{abs(diff):.4f}{uncertainty}."
             )
+    gap = results.get("published_teacher")
+    if gap:
+        auc = gap["metrics"]["auc"]
+        error = "" if auc["error"] is None else f" ± {auc['error']:.4f}"
+        lines.append(
+            f"- Published LorentzNet teacher ({gap['weights']}) on {gap['n_jets']:,} of these "
+            f"test jets: AUC {auc['value']:.4f}{error}, against {gap['reference']['auc']:.4f} "
+            "on the reference test set."
+        )
     return "\n".join(lines)
 
 
@@ -426,7 +449,8 @@ class Experiment:
     """
 
     def __init__(self, script, profile="cpu", *, data_dir=None, teacher_weights=None,
-                 cache_dir=None, work_dir=None, tracking_uri=None, workers=None):  # fmt: skip
+                 cache_dir=None, work_dir=None, tracking_uri=None, workers=None,
+                 published_teacher=None):  # fmt: skip
         self.script = script
         self.profile = load_profile(profile)
         self.data_dir = None if data_dir is None else Path(data_dir).resolve()
@@ -440,6 +464,9 @@ class Experiment:
         self.teacher_weights = None if teacher_weights is None else Path(teacher_weights)
         if self.teacher_weights is not None and not self.teacher_weights.is_file():
             raise FileNotFoundError(f"{self.teacher_weights}: no such teacher weights file")
+        self.published_teacher = None if published_teacher is None else Path(published_teacher)
+        if self.published_teacher is not None and not self.published_teacher.is_file():
+            raise FileNotFoundError(f"{self.published_teacher}: no such published weights file")
         self.cache_dir = Path(cache_dir or REPO_ROOT / "data")
         self.work_dir = Path(work_dir or REPO_ROOT / "runs")
         for row in self.profile["models"]:
@@ -533,6 +560,9 @@ class Experiment:
             "teacher": {"path": str(teacher_path) if entry["use_teacher"] else None},
         })  # fmt: skip
         config.setdefault("output", {})["dir"] = str(self.work_dir / "pending")
+        if entry["use_teacher"] and not config.get("distillation", {}).get("cache_dir"):
+            # Teacher logits computed once per teacher and training set, shared by all seeds.
+            config["distillation"]["cache_dir"] = str(self.work_dir / "teacher_logits")
         return load_config(config)
 
     def eval_settings(self):
@@ -567,11 +597,7 @@ class Experiment:
             model.load_weights(path)
             return model
         if path.suffix in (".npz", ".pt", ".pth"):
-            from paper_kd.models.lorentznet import LorentzNet
-            from paper_kd.models.weights import load_state_dict
-
-            prefix = "w/" if path.suffix == ".npz" else ""
-            return LorentzNet.from_torch_state_dict(load_state_dict(path, prefix), **hparams)
+            return load_published_lorentznet(path, hparams)
         raise ValueError(f"{path}: teacher weights must be .keras, .weights.h5, .npz or .pt")
 
     def model_run(self, row, seed, data_dir, fingerprint, teacher=None):
@@ -674,10 +700,53 @@ class Experiment:
             "invariance_score": None if np.isnan(score) else float(score),
         }
 
+    def published_gap(self, path, data_dir, fingerprint, max_jets):
+        """The published teacher's metrics on these test jets (all stored constituents).
+
+        Measures how far generated jets are from the reference dataset, on which
+        the same weights reach the AUC in ``PUBLISHED_TEACHER``.
+        """
+        from paper_kd.data.pipeline import load_arrays
+        from paper_kd.evaluate import predict_scores, tagging_metrics
+
+        path = Path(path)
+        hparams = load_profile("paper")["models"]["teacher"]["model"]["hparams"]
+        weights_hash = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+        n_bootstrap = int(self.profile["evaluation"].get("n_bootstrap", 100))
+        config = {"published_weights": str(path), "sha256": weights_hash, "hparams": hparams,
+                  "max_jets": max_jets, "n_bootstrap": n_bootstrap}  # fmt: skip
+        key = tracking.config_key(config, fingerprint, ignore=("published_weights",))
+        tags = {tracking.KEY_TAG: key, tracking.KIND_TAG: "published_gap",
+                "profile": self.profile["name"], "data_fingerprint": fingerprint}  # fmt: skip
+        with self.tracker.run("published-teacher", nested=True, tags=tags, params=config) as run:
+            found = self.tracker.find_finished(key, require_model=False)
+            result = None if found is None else self.tracker.load_json(found, "gap.json")
+            if result is None:
+                model = load_published_lorentznet(path, hparams)
+                inputs, labels = load_arrays(
+                    split_path(data_dir, "test"), n_max=None, max_jets=max_jets
+                )
+                scores = predict_scores(model, inputs)
+                result = {
+                    "weights": path.name,
+                    "n_jets": int(len(labels)),
+                    "metrics": tagging_metrics(labels, scores, n_bootstrap=n_bootstrap),
+                    "reference": PUBLISHED_TEACHER,
+                }
+            self.tracker.log_json(run.info.run_id, result, "gap.json")
+            self.tracker.log_metrics(
+                run.info.run_id, {f"test_{k}": v["value"] for k, v in result["metrics"].items()}
+            )
+        return result
+
     # -- everything -------------------------------------------------------------
 
-    def collect(self):
-        """Run (or reuse) every model of the profile; return the aggregated results."""
+    def collect(self, published_jets=1000):
+        """Run (or reuse) every model of the profile; return the aggregated results.
+
+        With ``published_teacher`` weights, they are also evaluated on
+        ``published_jets`` test jets, measuring the gap to the reference dataset.
+        """
         import mlflow
 
         data_dir, infos, generated = self.prepare_data()
@@ -709,8 +778,13 @@ class Experiment:
                 records.append(self.model_run(row, seed, data_dir, fingerprint,
                                               teacher if use else None))  # fmt: skip
 
+        gap = None
+        if self.published_teacher is not None:
+            gap = self.published_gap(self.published_teacher, data_dir, fingerprint, published_jets)
+
         settings = self.eval_settings()
         return {
+            "published_teacher": gap,
             "profile": self.profile["name"],
             "script": self.script,
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -734,6 +808,24 @@ class Experiment:
             "rows": summarize(records),
             "records": [{k: v for k, v in r.items() if k != "model"} for r in records],
         }
+
+
+def load_published_lorentznet(path, hparams):
+    """A LorentzNet from a published PyTorch state dict (``.pt``, or ``.npz`` as in the fixtures).
+
+    Published weights are run with the reference readout and float32 arithmetic,
+    which is what reproduces their logits.
+    """
+    from paper_kd.models.lorentznet import LorentzNet
+    from paper_kd.models.weights import load_state_dict
+
+    path = Path(path)
+    prefix = ""
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            prefix = "w/" if any(key.startswith("w/") for key in archive.files) else ""
+    hparams = {"readout": "reference", "arithmetic": "reference", **hparams}
+    return LorentzNet.from_torch_state_dict(load_state_dict(path, prefix), **hparams)
 
 
 def _model_size(model, n_constituents):
@@ -814,6 +906,7 @@ def experiment_from_args(script, args):
     return Experiment(
         script, args.profile, data_dir=args.data_dir, teacher_weights=args.teacher_weights,
         cache_dir=args.cache_dir, work_dir=args.work_dir, workers=args.workers,
+        published_teacher=getattr(args, "published_teacher", None),
     )  # fmt: skip
 
 

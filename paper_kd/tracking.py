@@ -358,8 +358,12 @@ class Tracker:
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
         return info.model_uri
 
-    def find_finished(self, key):
-        """The newest FINISHED run, in any experiment of this store, with reuse key ``key``."""
+    def find_finished(self, key, require_model=True):
+        """The newest FINISHED run, in any experiment of this store, with reuse key ``key``.
+
+        Runs that only reused another are skipped; ``require_model`` also skips
+        runs that logged no model.
+        """
         experiments = [e.experiment_id for e in self.client.search_experiments()]
         runs = self.client.search_runs(
             experiments,
@@ -368,7 +372,8 @@ class Tracker:
             max_results=20,
         )
         for run in runs:
-            if MODEL_URI_TAG in run.data.tags and REUSED_TAG not in run.data.tags:
+            has_model = MODEL_URI_TAG in run.data.tags or not require_model
+            if has_model and REUSED_TAG not in run.data.tags:
                 return run
         return None
 

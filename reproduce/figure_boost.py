@@ -38,11 +38,11 @@ def plot(results, out_dir):
             ax.fill_between(beta, mean - std, mean + std, color=line_style["color"], alpha=0.15,
                             linewidth=0)  # fmt: skip
     ax.axhline(0.5, color="grey", linewidth=1, linestyle=":")
-    ax.set_xlim(0.0, max(1e-3, float(results["betas"][-1])))
-    ax.set_ylim(0.4, 1.0)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.2, 1.0)  # the legend sits below chance level (0.5), clear of the curves
     ax.set_xlabel(rf"Boost velocity $\beta$ (along {results['direction']})")
     ax.set_ylabel("Accuracy")
-    ax.legend(loc="lower left")
+    ax.legend(loc="lower left", fontsize=14)
     n_test = results["data"]["n_jets"]["test"]
     style.label_figure(ax, f"{n_test:,} test jets, profile {results['profile']}")
     paths = style.save_figure(fig, out_dir, "figure_boost")

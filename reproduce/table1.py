@@ -52,7 +52,7 @@ def update_readme(section, readme=README):
 
 
 def body(exp, args):
-    results = exp.collect()
+    results = exp.collect(args.published_jets)
     markdown, table_csv, latex = experiment.format_table(results)
     out = Path(args.output_dir)
     paths = [
@@ -73,6 +73,15 @@ def main(argv=None):
     def extra_arguments(parser):
         parser.add_argument("--update-readme", action="store_true",
                             help="copy the table into the README's Results section")  # fmt: skip
+        parser.add_argument(
+            "--published-teacher",
+            type=Path,
+            default=None,
+            help="published LorentzNet state dict (.npz/.pt) to evaluate on the "
+            "test jets: the gap between these jets and the reference dataset",
+        )
+        parser.add_argument("--published-jets", type=int, default=1000,
+                            help="test jets for --published-teacher (default 1000)")  # fmt: skip
 
     return experiment.run_script("table1", __doc__.splitlines()[0], body, argv, extra_arguments)
 
