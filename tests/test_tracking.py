@@ -151,3 +151,33 @@ def test_log_params_many_keys_in_batches(store):
     assert stored.data.params["section4.key29"] == "29"
     text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.json")
     assert json.loads(text)["section0"]["key3"] == 3
+
+
+def test_sigterm_ends_the_run_failed(store, tmp_path):
+    """A script killed with SIGTERM (a batch system's time limit) leaves no RUNNING run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import signal, time\n"
+        "from paper_kd import experiment, tracking\n"
+        "signal.signal(signal.SIGTERM, experiment._terminate)\n"
+        "tracker = tracking.Tracker('sigterm')\n"
+        "with tracker.run('parent'):\n"
+        "    with tracker.run('child', nested=True):\n"
+        "        print('started', flush=True)\n"
+        "        time.sleep(600)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "MLFLOW_TRACKING_URI": store})  # fmt: skip
+    assert process.stdout.readline().strip() == "started"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    time.sleep(0.1)
+    tracker = tracking.Tracker("sigterm")
+    statuses = {r.info.run_name: r.info.status for r in tracker.client.search_runs(
+        [tracker.experiment_id])}  # fmt: skip
+    assert statuses == {"parent": "FAILED", "child": "FAILED"}
