@@ -241,9 +241,8 @@ class Tracker:
     """
 
     def __init__(self, experiment, uri=None):
-        from mlflow.tracking import MlflowClient
-
         import mlflow
+        from mlflow.tracking import MlflowClient
 
         self.uri = resolve_tracking_uri(uri)
         check_tracking_uri(self.uri)
@@ -332,10 +331,9 @@ class Tracker:
 
     def log_model(self, model, name="model"):
         """Log a Keras model to the active run as an MLflow model; return its URI."""
+        import mlflow
         from mlflow.models import ModelSignature
         from mlflow.types.schema import Schema, TensorSpec
-
-        import mlflow
 
         signature = ModelSignature(
             inputs=Schema([
@@ -380,6 +378,7 @@ class Tracker:
     def load_model(self, run):
         """Load the Keras model logged in ``run``."""
         import mlflow
+
         import paper_kd.models  # noqa: F401 - registers the custom layers
 
         with contextlib.suppress(ImportError):

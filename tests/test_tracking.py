@@ -3,10 +3,10 @@
 import json
 
 import keras
+import mlflow
 import numpy as np
 import pytest
 
-import mlflow
 from paper_kd import tracking
 
 
