@@ -32,11 +32,13 @@ figures: setup
 	$(BIN)/python reproduce/figure_boost.py --profile $(PROFILE)
 
 # Table 1 and both figures, then the README's Results section (figures reuse Table 1's models).
+# PUBLISHED=path/lorentznet_top.npz also measures the published teacher on the generated jets.
 results: setup
 	$(BIN)/python reproduce/table1.py --profile $(PROFILE)
 	$(BIN)/python reproduce/figure_roc.py --profile $(PROFILE)
 	$(BIN)/python reproduce/figure_boost.py --profile $(PROFILE)
-	$(BIN)/python reproduce/table1.py --profile $(PROFILE) --update-readme
+	$(BIN)/python reproduce/table1.py --profile $(PROFILE) --update-readme \
+		$(if $(PUBLISHED),--published-teacher $(PUBLISHED))
 
 bench: setup
 	$(BIN)/paper-kd bench

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 STUDENT_ROWS = ("deepset", "deepset_kd", "mlp", "mlp_kd", "deepset_aug")
 
-pytestmark = pytest.mark.slow
+SHARED = Path(os.environ.get("PAPER_KD_SHARED", REPO.parent / "shared"))
+PUBLISHED = SHARED / "fixtures" / "published" / "lorentznet_top.npz"
 
 
 def _free_port():
@@ -48,13 +49,17 @@ def smoke(tmp_path_factory):
     outputs = {}
     for name in ("table1", "figure_roc", "figure_boost"):
         started = time.perf_counter()
-        result = _script(name, tmp, env)
+        extra = []
+        if name == "table1" and PUBLISHED.exists():
+            extra = ["--published-teacher", str(PUBLISHED), "--published-jets", "64"]
+        result = _script(name, tmp, env, *extra)
         outputs[name] = result
         assert result.returncode == 0, f"{name} failed:\n{result.stderr[-4000:]}"
         print(f"{name}: {time.perf_counter() - started:.0f} s")
     return {"tmp": tmp, "uri": uri, "env": env, "outputs": outputs}
 
 
+@pytest.mark.slow
 def test_table_has_every_row_with_finite_values(smoke):
     figures = smoke["tmp"] / "figures"
     rows = list(csv.DictReader((figures / "table1.csv").open()))
@@ -137,6 +142,7 @@ def _tags(run):
     return {tag["key"]: tag["value"] for tag in run["data"].get("tags", [])}
 
 
+@pytest.mark.slow
 def test_mlflow_server_lists_runs_with_metrics_params_and_artifacts(smoke, server):
     experiments = _experiments(server)
     assert {"table1", "figure_roc", "figure_boost"} <= set(experiments)
@@ -189,6 +195,7 @@ def params_of(run):
     return {p["key"]: p["value"] for p in run["data"]["params"]}
 
 
+@pytest.mark.slow
 def test_figure_scripts_reused_the_trained_models(smoke, server):
     experiments = _experiments(server)
     trained = [
@@ -204,6 +211,7 @@ def test_figure_scripts_reused_the_trained_models(smoke, server):
         assert all("paper_kd.reused_from" in _tags(run) for run in models)
 
 
+@pytest.mark.slow
 def test_bad_input_fails_in_one_line_before_work(smoke, tmp_path):
     env = smoke["env"]
     result = _script("table1", tmp_path, env, "--profile", "huge")
@@ -218,3 +226,34 @@ def test_bad_input_fails_in_one_line_before_work(smoke, tmp_path):
     result = _script("figure_boost", tmp_path, bad_env)
     assert result.returncode == 2 and "cannot be reached" in result.stderr
     assert not (tmp_path / "data").exists()  # nothing generated
+
+
+@pytest.mark.slow
+def test_published_teacher_gap_is_measured(smoke):
+    if not PUBLISHED.exists():
+        pytest.skip(f"published weights not found at {PUBLISHED} (set PAPER_KD_SHARED)")
+    results = json.loads((smoke["tmp"] / "figures" / "table1.json").read_text())
+    gap = results["published_teacher"]
+    assert gap["n_jets"] == 64
+    assert 0.5 < gap["metrics"]["auc"]["value"] <= 1.0
+    assert gap["reference"]["auc"] == 0.987
+    assert "Published LorentzNet teacher (lorentznet_top.npz) on 64" in (
+        smoke["outputs"]["table1"].stdout
+    )
+
+
+def test_update_readme_replaces_only_the_results_block(tmp_path):
+    sys.path.insert(0, str(REPO / "reproduce"))
+    import table1
+
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"# Title\n\nBefore.\n\n{table1.RESULTS_START}\nold\n{table1.RESULTS_END}\n\nAfter.\n"
+    )
+    table1.update_readme(f"{table1.RESULTS_START}\nnew table\n{table1.RESULTS_END}", readme)
+    assert readme.read_text() == (
+        f"# Title\n\nBefore.\n\n{table1.RESULTS_START}\nnew table\n{table1.RESULTS_END}\n\nAfter.\n"
+    )
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="no '<!-- results:start -->'"):
+        table1.update_readme("x", readme)
