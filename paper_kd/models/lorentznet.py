@@ -31,12 +31,6 @@ Keras's ``"auto"`` never picks XLA on a CPU-only machine). XLA compiles once per
 input shape, so batches should come in a few fixed node counts (for example padded
 to a multiple of 8 or bucketed), not one width per batch.
 
-# Limitation: training cost is bound by the two 72 x 72 per-edge matrix products of
-# each block (phi_e's second Linear and phi_x's first), three times over with the
-# backward pass: about 1.2 GFLOP per jet of 57 constituents (59 nodes, 6 blocks).
-# On a machine whose float32 matrix-multiply peak is ~72 GFLOP/s this caps training
-# near 60 jets/s even at 100% of peak; measured throughput is well below that.
-
 Example:
     >>> model = LorentzNet()
     >>> logits = model({"p4": p4, "mask": mask})  # [batch, 2]
@@ -185,6 +179,11 @@ class MaskedBatchNormalization(keras.layers.Layer):
         return {**super().get_config(), "momentum": self.momentum, "epsilon": self.epsilon}
 
 
+# Limitation: training cost is bound by the two hidden x hidden matrix products per
+# edge in each block (phi_e's second Linear, phi_x's first), three times over with the
+# backward pass: about 1.2 GFLOP per jet of 57 constituents (59 nodes, width 72, 6
+# blocks). On a 2-core machine whose float32 matrix-multiply peak is ~72 GFLOP/s that
+# caps training near 60 jets/s even at 100% of peak; the measured rate is far lower.
 @keras.saving.register_keras_serializable(package="paper_kd")
 class LorentzEquivariantBlock(keras.layers.Layer):
     """One Lorentz group equivariant block (LGEB).
