@@ -445,6 +445,17 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
 
     # Everything that can be wrong with the inputs fails here, before any training.
     files = _split_files(config)
+    checkpoint_path = output_dir / CHECKPOINT_NAME
+    view = _resume_view(config)
+    saved = None
+    if checkpoint_path.exists() and training["resume"]:
+        saved = _load_checkpoint(checkpoint_path)
+        difference = _first_difference(saved[0]["config"], view)
+        if difference:
+            raise ConfigError(
+                f"{source}: {checkpoint_path} was written with a different value of key "
+                f"{difference!r}; use another output.dir or remove the checkpoint"
+            )
     train_path, n_train = files["train"]
     val_path, n_val = files["val"]
     _seed_everything(seed, training["deterministic"])
@@ -483,6 +494,9 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
         train_logits = cached_teacher_logits(teacher, train_jets, cache_dir)
         val_logits = cached_teacher_logits(teacher, val_jets, cache_dir)
 
+    # Limitation: under a strategy each replica normalises with its own batch
+    # statistics unless the model's BatchNorm layers are synchronized; the
+    # published teacher synchronized them over its 4 GPUs (32 jets each).
     n_replicas = strategy.num_replicas_in_sync
     steps_per_epoch = math.ceil(n_train / batch_size)
     log.info(
@@ -513,6 +527,9 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
                 train_jets, train_logits, batch_size, shuffle=True, seed=epoch_seed,
                 bucket=training["bucket"],
             )  # fmt: skip
+        # Limitation: make_dataset reads through a Python generator, which tf.data
+        # cannot shard by file: with several workers each one reads the whole file
+        # and keeps its share of the batches.
         dataset = make_dataset(
             train_path, batch_size, shuffle=True, seed=epoch_seed, bucket=training["bucket"],
             n_max=config["data"]["n_max"], max_jets=n_train,
@@ -532,20 +549,12 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
             val_path, batch_size, n_max=config["data"]["n_max"], max_jets=n_val
         )
 
-    # Resume.
+    # Resume after the last finished epoch.
     output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = output_dir / CHECKPOINT_NAME
-    view = _resume_view(config)
     state = {"epoch": 0, "best_val_accuracy": -1.0, "best_epoch": -1, "history": {}}
     best_values = None
-    if checkpoint_path.exists() and training["resume"]:
-        saved_state, groups = _load_checkpoint(checkpoint_path)
-        difference = _first_difference(saved_state["config"], view)
-        if difference:
-            raise ConfigError(
-                f"{source}: {checkpoint_path} was written with a different value of key "
-                f"{difference!r}; use another output.dir or remove the checkpoint"
-            )
+    if saved is not None:
+        saved_state, groups = saved
         _assign(student.variables, groups["student"], "student", checkpoint_path)
         _assign(optimizer.variables, groups["optimizer"], "optimizer", checkpoint_path)
         best_values = groups["best"] or None
