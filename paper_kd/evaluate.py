@@ -106,7 +106,8 @@ def _probability_top(logits):
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2 or logits.shape[1] != 2:
         raise ValueError(f"model output must be logits [batch, 2], got shape {logits.shape}")
-    return 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))
+    # 1 / (1 + e^d) written without overflow for any logit difference d.
+    return np.exp(-np.logaddexp(0.0, logits[:, 0] - logits[:, 1]))
 
 
 def _check_inputs(inputs):
