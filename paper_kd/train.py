@@ -429,6 +429,10 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
     Returns:
         ``TrainResult(model, history, best_epoch, output_dir)``; ``model`` is the
         student with the weights of its best validation accuracy.
+
+    Side effects: seeds Python, NumPy and TensorFlow with the config's seed and,
+    with ``training.deterministic`` (default), turns on TensorFlow's op
+    determinism for the rest of the process.
     """
     import keras
 
