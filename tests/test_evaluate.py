@@ -329,3 +329,39 @@ def test_evaluate_bad_input_is_one_line(saved_model_and_data, tmp_path, capsys):
     assert cli.main(["evaluate", str(model_path), str(data), "-o", out, "--betas", "0.5,1"]) == 1
     assert "0 <= beta < 1" in capsys.readouterr().err
     assert not (tmp_path / "eval.json").exists()
+
+
+@pytest.mark.slow
+def test_scores_reproduce_the_published_teacher_with_its_batching(shared_fixtures):
+    """Cutting each batch to its largest jet is how the reference padded its batches.
+
+    The published readout divides by the padded node count, so its logits depend on
+    the batching; evaluated here in the reference's batches, the published teacher
+    must give the reference's probabilities and metrics.
+    """
+    from paper_kd.models.lorentznet import LorentzNet
+
+    fixture = np.load(shared_fixtures / "published" / "lorentznet_top.npz")
+    state = {key[2:]: fixture[key] for key in fixture.files if key.startswith("w/")}
+    model = LorentzNet.from_torch_state_dict(
+        state, n_hidden=72, n_layers=6, readout="reference", arithmetic="reference"
+    )
+    # The first two reference batches (widths differ), to keep the test short.
+    batch_size = int(fixture["batch_size"])
+    n_batches = 2
+    p4, label = fixture["p4"][: n_batches * batch_size], fixture["label"][: n_batches * batch_size]
+    inputs = {"p4": p4, "mask": np.any(p4 != 0, axis=-1)}
+    widths = [
+        inputs["mask"][k * batch_size : (k + 1) * batch_size].sum(1).max() for k in range(n_batches)
+    ]
+    np.testing.assert_array_equal(np.array(widths) + 2, fixture["padded_nodes"][:n_batches])
+
+    scores = evaluate.predict_scores(model, inputs, batch_size=batch_size)
+    logits = fixture["logits"][: len(p4)].astype(np.float64)
+    reference = 1 / (1 + np.exp(logits[:, 0] - logits[:, 1]))
+    np.testing.assert_allclose(scores, reference, atol=2e-3)
+    ours = evaluate.tagging_metrics(label, scores, n_bootstrap=0)
+    theirs = evaluate.tagging_metrics(label, reference, n_bootstrap=0)
+    assert ours["auc"]["value"] == pytest.approx(theirs["auc"]["value"], abs=2e-3)
+    assert ours["accuracy"]["value"] == pytest.approx(theirs["accuracy"]["value"], abs=2 / len(p4))
+    assert theirs["auc"]["value"] > 0.85
