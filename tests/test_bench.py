@@ -45,9 +45,9 @@ def test_a_failing_section_is_reported_and_does_not_stop_the_run():
     settings = replace(bench.BenchSettings.tiny(), generation_processes=("gluon",))
     report = bench.run_bench(settings, sections=("generation", "matmul"))
     generation = report["sections"]["generation"]
-    assert "process must be one of" in generation["unavailable"]
+    assert "gluon" in generation["unavailable"]
     assert report["sections"]["matmul"]["peak_gflops"] > 0
-    assert "unavailable: ValueError" in bench.markdown_report(report)
+    assert "unavailable: " in bench.markdown_report(report)
 
 
 def test_targets_are_checked_in_both_directions():
