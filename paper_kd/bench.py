@@ -121,6 +121,8 @@ class BenchSettings:
             teacher_batches=2,
             steps=2,
             latency_calls=50,
+            # The cpu profile's teacher: a paper-size teacher makes this section many minutes.
+            distill_teacher=(("n_hidden", 24), ("n_layers", 3)),
             generation_events=96,
             generation_processes=("qcd",),
             pipeline_jets=2048,
