@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROFILE ?= cpu
 
-.PHONY: setup test test-fast lint table1 figures results bench clean-results
+.PHONY: setup test test-fast lint table1 figures results bench
 
 $(BIN)/paper-kd: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -45,6 +45,8 @@ def _require(archive, path, key):
 
 def fixture_models(path):
     """Names of the models whose weights a fixture holds."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such fixture")
     with np.load(path, allow_pickle=False) as archive:
         keys = archive.files
     return [
