@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from paper_kd.atomic import write_text
+
 __all__ = [
     "SECTIONS",
     "BenchSettings",
@@ -780,23 +782,13 @@ def _section_markdown(name, result):
     return _table(rows, ["quantity", "value"])
 
 
-def _write_atomic(path, text):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_report(report, out_dir):
     """Write ``bench.json`` and ``bench.md`` into ``out_dir``; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "bench.json", out_dir / "bench.md"
-    _write_atomic(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
-    _write_atomic(md_path, markdown_report(report))
+    write_text(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    write_text(md_path, markdown_report(report))
     return json_path, md_path
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from paper_kd import physics
+from paper_kd.atomic import write_text
 
 __all__ = [
     "BETAS",
@@ -525,15 +526,7 @@ def evaluate_model(
 
 def write_json(result, path):
     """Write ``result`` as JSON to a temporary file, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
 
 
 # ---------------------------------------------------------------------------

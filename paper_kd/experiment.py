@@ -31,13 +31,12 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from paper_kd import tracking
+from paper_kd import atomic, tracking
 from paper_kd.data.format import SPLITS, JetFormatError, read_info, read_jets, split_path
 
 __all__ = [
@@ -423,13 +422,7 @@ def claims(results):
     return "\n".join(lines)
 
 
-def write_atomic(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
-    return path
+write_atomic = atomic.write_text
 
 
 # ---------------------------------------------------------------------------

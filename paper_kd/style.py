@@ -6,8 +6,9 @@ at a glance. Figures are saved as PDF and PNG, each written to a temporary
 name and renamed.
 """
 
-import os
 from pathlib import Path
+
+from paper_kd.atomic import atomic_path
 
 __all__ = ["ROW_STYLES", "label_figure", "save_figure", "use_style"]
 
@@ -46,8 +47,7 @@ def save_figure(fig, out_dir, stem):
     paths = []
     for suffix, options in ((".pdf", {}), (".png", {"dpi": 150})):
         path = out_dir / f"{stem}{suffix}"
-        tmp = out_dir / f".{stem}.{os.getpid()}{suffix}"
-        fig.savefig(tmp, bbox_inches="tight", **options)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, bbox_inches="tight", **options)
         paths.append(path)
     return paths

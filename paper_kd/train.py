@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from paper_kd.atomic import atomic_path
 from paper_kd.config import ConfigError, load_config
 
 __all__ = ["TrainResult", "add_arguments", "default_strategy", "main", "make_optimizer", "train"]
@@ -246,16 +247,10 @@ def cached_teacher_logits(teacher, jets, cache_dir, batch_size=512):
 
 def _atomic_write(path, write):
     """Write ``path`` through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _values(variables):
@@ -327,13 +322,8 @@ def _first_difference(old, new, prefix=""):
 
 def _save_student(model, path):
     """``model.save`` through a temporary ``.keras`` name, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with atomic_path(path) as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- callbacks
