@@ -212,6 +212,23 @@ def test_bucketing_leaves_no_within_batch_multiplicity_cue():
     assert abs(within_batch_auc(bucketed) - natural) < 0.05
 
 
+def test_assemble_batch_pads_widths_to_a_multiple():
+    n_constituents = np.array([3, 10, 7])
+    jets = {
+        "p4": np.ones((3, 12, 4), np.float32),
+        "n_constituents": n_constituents,
+        "label": np.array([0, 1, 0]),
+    }
+    p4, mask, label = pipeline.assemble_batch(jets, np.arange(3))
+    assert p4.shape == (3, 10, 4)
+    p4, mask, label = pipeline.assemble_batch(jets, np.arange(3), pad_multiple=8)
+    # 10 rounds up to 16, but never past the 12 stored slots.
+    assert p4.shape == (3, 12, 4) and mask.shape == (3, 12)
+    np.testing.assert_array_equal(mask.sum(axis=1), n_constituents)
+    p4, mask, label = pipeline.assemble_batch(jets, np.array([0, 2]), pad_multiple=4)
+    assert p4.shape == (2, 8, 4)
+
+
 def tiny_mass_model():
     import keras
 
