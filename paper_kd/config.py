@@ -13,8 +13,8 @@ Sections::
     distillation: {temperature, weight, decay_steps, cache, cache_dir}
     optimizer: {learning_rate, weight_decay, epsilon, amsgrad, beta_1, beta_2}
     schedule: {name: teacher | student | constant, ...its options}
-    training: {batch_size, epochs, augment_beta, augment_direction, bucket, resume,
-               deterministic, verbose}
+    training: {batch_size, epochs, augment_beta, augment_direction, bucket, jit_compile,
+               pad_multiple, resume, deterministic, verbose}
     output: {dir}
 
 A temperature ``<= 0`` trains the student alone on the hard loss, so a
@@ -72,6 +72,8 @@ SCHEMA = {
         "augment_beta": ((float, int), 0.0),
         "augment_direction": ((str,), "x"),
         "bucket": ((bool,), False),
+        "jit_compile": ((bool,), False),
+        "pad_multiple": ((int,), 1),
         "resume": ((bool,), True),
         "deterministic": ((bool,), True),
         "verbose": ((int,), 2),
@@ -156,6 +158,8 @@ def _check_ranges(config, source):
     training = config["training"]
     if training["batch_size"] < 1:
         fail("training.batch_size", ">= 1", training["batch_size"])
+    if training["pad_multiple"] < 1:
+        fail("training.pad_multiple", ">= 1", training["pad_multiple"])
     if training["epochs"] < 1:
         fail("training.epochs", ">= 1", training["epochs"])
     if not 0.0 <= training["augment_beta"] < 1.0:

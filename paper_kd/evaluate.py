@@ -125,12 +125,14 @@ def _check_inputs(inputs):
 def predict_scores(model, inputs, batch_size=None, transform=None):
     """P(top) = softmax(logits)[:, 1] for every jet, float64 ``[n]``.
 
-    Jets are run in file order through a traced ``model(..., training=False)``
-    in batches of ``batch_size`` (default: ``default_batch_size``, which bounds
-    a graph model's ``[batch, node, node, hidden]`` tensors). Each batch is cut
-    to its largest jet, as the training pipeline and the published reference do;
-    the last batch is filled up with copies of its first jet so that every call
-    has the same batch size.
+    Jets are run through a traced ``model(..., training=False)`` in batches of
+    ``batch_size`` (default: ``default_batch_size``, which bounds a graph model's
+    ``[batch, node, node, hidden]`` tensors). Each batch is cut to its largest
+    jet, as the training pipeline and the published reference do; the last batch
+    is filled up with copies of its first jet so that every call has the same
+    batch size. Jets are batched in order of multiplicity, which wastes little on
+    padding; a model whose output depends on the padding (LorentzNet with the
+    published ``readout="reference"``) gets them in file order, as published.
 
     ``transform(p4) -> p4`` is applied to each batch before the model sees it
     (the boost scan uses it so that no boosted copy of the whole set is made).
@@ -147,12 +149,17 @@ def predict_scores(model, inputs, batch_size=None, transform=None):
 
     logits_fn = _compiled_logits(model)
     n_real = mask.sum(axis=1)
+    if _padding_independent(model):
+        order = np.argsort(n_real, kind="stable")
+    else:
+        order = np.arange(n_jets)
     scores = np.empty(n_jets)
     for start in range(0, n_jets, batch_size):
         stop = min(start + batch_size, n_jets)
-        n_nodes = max(int(n_real[start:stop].max()), 1)
-        batch_p4 = p4[start:stop, :n_nodes].astype(np.float32, copy=False)
-        batch_mask = mask[start:stop, :n_nodes]
+        index = order[start:stop]
+        n_nodes = max(int(n_real[index].max()), 1)
+        batch_p4 = p4[index, :n_nodes].astype(np.float32, copy=False)
+        batch_mask = mask[index, :n_nodes]
         if transform is not None:
             batch_p4 = np.asarray(transform(batch_p4), dtype=np.float32)
         if stop - start < batch_size:
@@ -160,8 +167,14 @@ def predict_scores(model, inputs, batch_size=None, transform=None):
             batch_p4 = np.concatenate([batch_p4, np.repeat(batch_p4[:1], fill, axis=0)])
             batch_mask = np.concatenate([batch_mask, np.repeat(batch_mask[:1], fill, axis=0)])
         logits = logits_fn(batch_p4, batch_mask).numpy()
-        scores[start:stop] = _probability_top(logits)[: stop - start]
+        scores[index] = _probability_top(logits)[: stop - start]
     return scores
+
+
+def _padding_independent(model):
+    """Whether each jet's output ignores how much padding its batch has."""
+    config = model.get_config() if hasattr(model, "get_config") else {}
+    return config.get("readout", "mean") != "reference"
 
 
 # ---------------------------------------------------------------------------

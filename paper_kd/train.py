@@ -134,7 +134,7 @@ def _epoch_seed(seed, epoch):
     return int(seed) * 1_000_003 + int(epoch)
 
 
-def _array_dataset(jets, teacher_logits, batch_size, *, shuffle, seed, bucket):
+def _array_dataset(jets, teacher_logits, batch_size, *, shuffle, seed, bucket, pad_multiple=1):
     """Batches like ``make_dataset``'s, from jets in memory, with their cached teacher logits."""
     import tensorflow as tf
 
@@ -149,7 +149,7 @@ def _array_dataset(jets, teacher_logits, batch_size, *, shuffle, seed, bucket):
 
     def generate():
         for index in batches:
-            p4, mask, label = assemble_batch(jets, index)
+            p4, mask, label = assemble_batch(jets, index, pad_multiple)
             yield p4, mask, teacher_logits[index], label
 
     signature = (
@@ -508,25 +508,28 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
             weight=distillation["weight"],
             decay_steps=distillation["decay_steps"],
         )
-        distiller.compile(optimizer=optimizer, jit_compile=False)
+        distiller.compile(optimizer=optimizer, jit_compile=training["jit_compile"])
         distiller(sample)
         optimizer.build(student.trainable_variables)
 
     from paper_kd.data.pipeline import make_dataset
+
+    # XLA compiles one program per batch shape: rounded widths keep the count small.
+    pad_multiple = training["pad_multiple"]
 
     def train_dataset(epoch):
         epoch_seed = _epoch_seed(seed, epoch)
         if use_cache:
             return _array_dataset(
                 train_jets, train_logits, batch_size, shuffle=True, seed=epoch_seed,
-                bucket=training["bucket"],
+                bucket=training["bucket"], pad_multiple=pad_multiple,
             )  # fmt: skip
         # Limitation: make_dataset reads through a Python generator, which tf.data
         # cannot shard by file: with several workers each one reads the whole file
         # and keeps its share of the batches.
         dataset = make_dataset(
             train_path, batch_size, shuffle=True, seed=epoch_seed, bucket=training["bucket"],
-            n_max=config["data"]["n_max"], max_jets=n_train,
+            n_max=config["data"]["n_max"], max_jets=n_train, pad_multiple=pad_multiple,
         )  # fmt: skip
         if training["augment_beta"] > 0:
             dataset = _augment(
@@ -536,12 +539,14 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
 
     if use_cache:
         val_dataset = _array_dataset(
-            val_jets, val_logits, batch_size, shuffle=False, seed=0, bucket=False
-        )
+            val_jets, val_logits, batch_size, shuffle=False, seed=0, bucket=False,
+            pad_multiple=pad_multiple,
+        )  # fmt: skip
     else:
         val_dataset = make_dataset(
-            val_path, batch_size, n_max=config["data"]["n_max"], max_jets=n_val
-        )
+            val_path, batch_size, n_max=config["data"]["n_max"], max_jets=n_val,
+            pad_multiple=pad_multiple,
+        )  # fmt: skip
 
     # Resume after the last finished epoch.
     output_dir.mkdir(parents=True, exist_ok=True)

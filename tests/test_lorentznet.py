@@ -10,6 +10,8 @@ from paper_kd.models.lorentznet import (
     LorentzNet,
     MaskedBatchNormalization,
     lorentznet_parity,
+    masked_moments,
+    split_edge_moments,
     torch_hparams,
 )
 from paper_kd.physics import boost
@@ -143,6 +145,34 @@ def test_masked_batch_normalization_uses_only_masked_entries():
     inference = keras.ops.convert_to_numpy(norm(x, mask, training=False))
     mean, var = norm.moving_mean.numpy(), norm.moving_variance.numpy()
     np.testing.assert_allclose(inference, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-5)
+
+
+def test_split_edge_moments_equal_moments_of_the_built_edges():
+    # Pieces with a large common offset: a naive E[e^2] - E[e]^2 in float32 loses
+    # the variance (offset^2 / variance ~ 1e6); the centred sums must not.
+    rng = np.random.default_rng(3)
+    batch, nodes, channels = 3, 7, 5
+    node_i = rng.normal(40.0, 0.05, size=(batch, nodes, channels))
+    node_j = rng.normal(-3.0, 2.0, size=(batch, nodes, channels))
+    invariants = rng.normal(1.0, 1.0, size=(batch, nodes, nodes, 2))
+    kernel = rng.normal(size=(2, channels))
+    mask = rng.random((batch, nodes)) < 0.7
+    edge_mask = mask[:, :, None] & mask[:, None, :] & ~np.eye(nodes, dtype=bool)
+    edges = node_i[:, :, None] + node_j[:, None, :] + invariants @ kernel  # float64
+
+    real = edges[edge_mask]  # [n_edges, channels]
+    cast = [x.astype(np.float32) for x in (node_i, node_j, invariants, kernel)]
+    mean, variance, count = (
+        keras.ops.convert_to_numpy(v) for v in split_edge_moments(*cast, edge_mask)
+    )
+    assert count == edge_mask.sum()
+    np.testing.assert_allclose(mean, real.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(variance, real.var(0), rtol=1e-4)
+    # The same moments as masked_moments on the built float32 tensor.
+    built = [
+        keras.ops.convert_to_numpy(v) for v in masked_moments(edges.astype(np.float32), edge_mask)
+    ]
+    np.testing.assert_allclose(variance, built[1], rtol=1e-4)
 
 
 # --- symmetries ------------------------------------------------------------------------------

@@ -179,6 +179,56 @@ def test_bucketing_keeps_class_balance_and_cuts_padding():
     assert naive_padded < bucket_padded
 
 
+def test_bucketing_leaves_no_within_batch_multiplicity_cue():
+    # Realistic overlap: top jets have more constituents, but not always.
+    rng = np.random.default_rng(5)
+    n_jets, batch_size = 32 * 64 * 4, 64
+    label = (rng.random(n_jets) < 0.5).astype(np.int8)
+    multiplicity = np.where(label == 1, rng.normal(64, 14, n_jets), rng.normal(50, 14, n_jets))
+    multiplicity = np.clip(multiplicity.round(), 1, 200).astype(np.int32)
+
+    def within_batch_auc(batches):
+        """Mean over batches of P(a top jet has more constituents than a QCD jet)."""
+        values = []
+        for index in batches:
+            top, qcd = (
+                multiplicity[index][label[index] == 1],
+                multiplicity[index][label[index] == 0],
+            )
+            greater = (top[:, None] > qcd[None, :]).mean() + 0.5 * (
+                top[:, None] == qcd[None, :]
+            ).mean()
+            values.append(greater)
+        return np.mean(values)
+
+    plain, _ = pipeline.plan_batches(multiplicity, label, batch_size, rng=np.random.default_rng(1))
+    bucketed, _ = pipeline.plan_batches(
+        multiplicity, label, batch_size, rng=np.random.default_rng(1), bucket=True
+    )
+    natural = within_batch_auc(plain)
+    assert 0.7 < natural < 0.8
+    # Pairing equal ranks of the two classes would give ~1: every batch's top jets above
+    # its QCD jets. Random ranks keep the dataset's overlap on average.
+    assert abs(within_batch_auc(bucketed) - natural) < 0.05
+
+
+def test_assemble_batch_pads_widths_to_a_multiple():
+    n_constituents = np.array([3, 10, 7])
+    jets = {
+        "p4": np.ones((3, 12, 4), np.float32),
+        "n_constituents": n_constituents,
+        "label": np.array([0, 1, 0]),
+    }
+    p4, mask, label = pipeline.assemble_batch(jets, np.arange(3))
+    assert p4.shape == (3, 10, 4)
+    p4, mask, label = pipeline.assemble_batch(jets, np.arange(3), pad_multiple=8)
+    # 10 rounds up to 16, but never past the 12 stored slots.
+    assert p4.shape == (3, 12, 4) and mask.shape == (3, 12)
+    np.testing.assert_array_equal(mask.sum(axis=1), n_constituents)
+    p4, mask, label = pipeline.assemble_batch(jets, np.array([0, 2]), pad_multiple=4)
+    assert p4.shape == (2, 8, 4)
+
+
 def tiny_mass_model():
     import keras
 

@@ -50,10 +50,11 @@ def test_lorentznet_small_by_hand():
     lorentznet = pytest.importorskip("paper_kd.models.lorentznet", reason="LorentzNet not built")
     model = lorentznet.LorentzNet(n_hidden=4, n_layers=2, n_scalar=2, n_classes=2)
     # 3 constituents + 2 beams = 5 nodes, 20 edges, hidden 4.
-    # Embedding 5 x 2 x 4 = 40. Per edge: phi_e 10 x 4 + 4 x 4, phi_m 4 -> 60; phi_x
-    # 4 x 4 + 4 = 20 except in the last block. Per node: phi_h 10 x 4 + 4 x 4 = 56.
-    # Decoder 4 x 4 + 4 x 2 = 24.
-    macs = 40 + (20 * 80 + 5 * 56) + (20 * 60 + 5 * 56) + 24
+    # Embedding 5 x 2 x 4 = 40. Per edge: phi_e's first Linear on the two invariants
+    # 2 x 4, its second 4 x 4, phi_m 4 -> 28; phi_x 4 x 4 + 4 = 20 except in the last
+    # block. Per node: phi_e's first Linear on h_i and h_j 2 x 4 x 4 = 32, phi_h
+    # 10 x 4 + 4 x 4 = 56. Decoder 4 x 4 + 4 x 2 = 24.
+    macs = 40 + (20 * 48 + 5 * 88) + (20 * 28 + 5 * 88) + 24
     # Embedding 12; block: phi_e 40 + BN 8 + 20, phi_m 5, phi_x 20 + 4, phi_h 44 + BN 8 + 20;
     # no phi_x in the last block; decoder 20 + 10.
     parameters = 12 + (68 + 5 + 24 + 72) + (68 + 5 + 72) + 30
@@ -61,7 +62,7 @@ def test_lorentznet_small_by_hand():
         "parameters": parameters,
         "macs_per_jet": macs,
     }
-    assert macs == 3424 and parameters == 356
+    assert macs == 2464 and parameters == 356
 
 
 def test_size_table_rows_and_bad_multiplicity():

@@ -16,8 +16,11 @@ Convention (the same for every architecture, so rows compare):
   multiplicity of the top-tagging dataset); padding is not counted.
   LorentzNet runs on ``N + 2`` nodes (two beams) and ``(N + 2)(N + 1)`` directed
   edges of its complete graph without self-loops; per-edge layers count once per
-  edge and per-node layers once per node. The MLP reads a fixed number of slots,
-  so its count does not depend on the multiplicity.
+  edge and per-node layers once per node. Its first edge layer, on
+  ``[h_i, h_j, norm_ij, dot_ij]``, runs split: ``h W_a`` and ``h W_b`` once per
+  node, the two invariants per edge (``LorentzEquivariantBlock``), and is counted
+  so. The MLP reads a fixed number of slots, so its count does not depend on the
+  multiplicity.
 """
 
 import numpy as np
@@ -42,9 +45,11 @@ def _lorentznet_macs(config, n_constituents):
     edges = nodes * (nodes - 1)
 
     macs = nodes * n_scalar * hidden  # embedding
-    edge_message = (2 * hidden + 2) * hidden + hidden * hidden + hidden  # phi_e, phi_m
+    # phi_e's first Linear split: invariants per edge, node pieces per node; then phi_m.
+    edge_message = 2 * hidden + hidden * hidden + hidden
     coordinate = hidden * hidden + hidden  # phi_x
-    node_update = (2 * hidden + n_scalar) * hidden + hidden * hidden  # phi_h
+    node_update = 2 * hidden * hidden  # phi_e's first Linear on h_i and on h_j
+    node_update += (2 * hidden + n_scalar) * hidden + hidden * hidden  # phi_h
     for layer in range(config["n_layers"]):
         last = layer == config["n_layers"] - 1
         macs += edges * (edge_message + (0 if last else coordinate)) + nodes * node_update
