@@ -39,7 +39,7 @@ def plot(results, out_dir):
                 **style.ROW_STYLES[row["row"]])  # fmt: skip
     ax.set_yscale("log")
     low, high = ax.get_ylim()
-    ax.set_ylim(max(low, 0.8), high * 30)  # room for the legend above the curves
+    ax.set_ylim(max(low, 0.8), high * 300)  # room for the legend above the curves
     ax.set_xlim(0.0, 1.0)
     ax.set_xlabel(r"Signal efficiency $\varepsilon_S$")
     ax.set_ylabel(r"Background rejection $1/\varepsilon_B$")
