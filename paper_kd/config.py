@@ -158,6 +158,9 @@ def _check_ranges(config, source):
     training = config["training"]
     if training["batch_size"] < 1:
         fail("training.batch_size", ">= 1", training["batch_size"])
+    if training["jit_compile"] and training["deterministic"]:
+        # Keras silently falls back to the plain graph under TensorFlow's op determinism.
+        fail("training.jit_compile", "false unless training.deterministic is false", True)
     if training["pad_multiple"] < 1:
         fail("training.pad_multiple", ">= 1", training["pad_multiple"])
     if training["epochs"] < 1:

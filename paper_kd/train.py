@@ -376,6 +376,12 @@ def _seed_everything(seed, deterministic):
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
+    else:
+        # The setting is process-wide: a run asking for speed must not inherit an
+        # earlier run's determinism (under which Keras also refuses XLA).
+        from tensorflow.python.framework import config as tf_config
+
+        tf_config.disable_op_determinism()
 
 
 def _load_teacher(config):

@@ -98,6 +98,11 @@ def test_ints_become_floats_where_floats_are_expected():
         (lambda c: c["schedule"].update(name="cosine"), "'schedule.name' must be one of"),
         (lambda c: c["training"].update(augment_beta=1.0), "'training.augment_beta' must be"),
         (lambda c: c["distillation"].update(weight=1.5), "'distillation.weight' must be"),
+        (lambda c: c["training"].update(pad_multiple=0), "'training.pad_multiple' must be >= 1"),
+        (
+            lambda c: c["training"].update(jit_compile=True),
+            "'training.jit_compile' must be false unless training.deterministic is false",
+        ),
     ],
 )
 def test_bad_key_is_one_line_naming_file_and_key(tmp_path, change, message):
