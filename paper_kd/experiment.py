@@ -884,8 +884,9 @@ def add_arguments(parser):
     parser.add_argument("--teacher-weights", type=Path, default=None,
                         help="published LorentzNet weights (.keras, .weights.h5, .npz, .pt) "
                         "instead of training the teacher")  # fmt: skip
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "figures",
-                        help="where tables and figures go (default: figures/)")  # fmt: skip
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="where tables and figures go (default: figures/ for the cpu "
+                        "profile, figures/<profile>/ for any other)")  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / "data",
                         help="cache of generated datasets (default: data/)")  # fmt: skip
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "runs",
@@ -935,5 +936,9 @@ def run_script(script, description, body, argv=None, extra_arguments=None):
     except (ValueError, FileNotFoundError, KeyError) as error:
         print(f"{script}.py: error: {error}", file=sys.stderr)
         return 2
+    if args.output_dir is None:
+        # The committed figures/ are the cpu profile's; a smoke run must not overwrite them.
+        name = exp.profile["name"]
+        args.output_dir = REPO_ROOT / "figures" / ("" if name == "cpu" else name)
     with exp.parent_run():
         return int(body(exp, args) or 0)

@@ -24,12 +24,15 @@ RESULTS_START = "<!-- results:start -->"
 RESULTS_END = "<!-- results:end -->"
 
 
-def results_section(results, markdown):
+def results_section(results, markdown, published_teacher=None):
     """The README's Results section: the table, the figures and the measured comparison."""
+    flags = f"--profile {results['profile']} --update-readme"
+    if published_teacher is not None:
+        flags += f" --published-teacher .../{Path(published_teacher).name}"
     return "\n".join([
         RESULTS_START,
-        f"Produced by `python reproduce/table1.py --profile {results['profile']} "
-        f"--update-readme` on {results['date']} (commit `{results['git_commit'][:12]}`).",
+        f"Produced by `python reproduce/table1.py {flags}` (the last step of `make results`) "
+        f"on {results['date']} (commit `{results['git_commit'][:12]}`).",
         "",
         markdown.strip(),
         "",
@@ -65,7 +68,7 @@ def body(exp, args):
     print(markdown)
     print(experiment.claims(results))
     if args.update_readme:
-        update_readme(results_section(results, markdown))
+        update_readme(results_section(results, markdown, args.published_teacher))
     return 0
 
 

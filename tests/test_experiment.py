@@ -181,3 +181,22 @@ def test_claims_state_measured_differences():
     # Deep Set + KD (row 2) vs Deep Set (row 1): AUC 0.96 vs 0.955, errors 0.01 each.
     assert "Deep Set + KD vs Deep Set: AUC higher by 0.0050 ± 0.0141 (0.4 σ)" in text
     assert "MLP + KD vs MLP: invariance score higher by 0.0200" in text
+
+
+def test_output_dir_defaults_keep_the_committed_cpu_figures(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    seen = {}
+
+    def body(exp, args):
+        seen[exp.profile["name"]] = args.output_dir
+        return 0
+
+    for profile in ("smoke", "cpu"):
+        argv = ["--profile", profile, "--cache-dir", str(tmp_path / "data")]
+        assert experiment.run_script("table1", "test", body, argv=argv) == 0
+    assert seen["cpu"] == experiment.REPO_ROOT / "figures"
+    assert seen["smoke"] == experiment.REPO_ROOT / "figures" / "smoke"
+    explicit = tmp_path / "out"
+    argv = ["--profile", "smoke", "--output-dir", str(explicit)]
+    assert experiment.run_script("table1", "test", body, argv=argv) == 0
+    assert seen["smoke"] == explicit
