@@ -148,12 +148,20 @@ def naive_buckets(n_constituents, batch_size, rng, window_batches):
     return batches
 
 
-def test_bucketing_keeps_class_balance_and_cuts_padding():
-    rng = np.random.default_rng(0)
-    n_jets, batch_size = 32 * 64 * 4, 64
+BUCKET_JETS, BUCKET_BATCH = 32 * 64 * 4, 64
+
+
+def class_multiplicities(seed, top, qcd, n_jets=BUCKET_JETS):
+    """Balanced labels and multiplicities drawn from normals ``(mean, sd)`` per class."""
+    rng = np.random.default_rng(seed)
     label = (rng.random(n_jets) < 0.5).astype(np.int8)
-    multiplicity = np.where(label == 1, rng.normal(60, 12, n_jets), rng.normal(32, 9, n_jets))
-    multiplicity = np.clip(multiplicity.round(), 1, 200).astype(np.int32)
+    multiplicity = np.where(label == 1, rng.normal(*top, n_jets), rng.normal(*qcd, n_jets))
+    return label, np.clip(multiplicity.round(), 1, 200).astype(np.int32)
+
+
+def test_bucketing_keeps_class_balance_and_cuts_padding():
+    n_jets, batch_size = BUCKET_JETS, BUCKET_BATCH
+    label, multiplicity = class_multiplicities(0, top=(60, 12), qcd=(32, 9))
     global_fraction = label.mean()
 
     def summary(batches):
@@ -181,11 +189,8 @@ def test_bucketing_keeps_class_balance_and_cuts_padding():
 
 def test_bucketing_leaves_no_within_batch_multiplicity_cue():
     # Realistic overlap: top jets have more constituents, but not always.
-    rng = np.random.default_rng(5)
-    n_jets, batch_size = 32 * 64 * 4, 64
-    label = (rng.random(n_jets) < 0.5).astype(np.int8)
-    multiplicity = np.where(label == 1, rng.normal(64, 14, n_jets), rng.normal(50, 14, n_jets))
-    multiplicity = np.clip(multiplicity.round(), 1, 200).astype(np.int32)
+    batch_size = BUCKET_BATCH
+    label, multiplicity = class_multiplicities(5, top=(64, 14), qcd=(50, 14))
 
     def within_batch_auc(batches):
         """Mean over batches of P(a top jet has more constituents than a QCD jet)."""
