@@ -25,6 +25,21 @@ def test_round_trip_with_provenance_and_slices(tmp_path):
     np.testing.assert_allclose(jets["jet_p4"], p4[5:12].sum(axis=1), rtol=1e-5)
 
 
+def test_writer_buffers_small_blocks_across_chunk_boundaries(tmp_path):
+    # Blocks of 7 jets: the writer holds them until a chunk is full, so the
+    # file must still hold every jet, in order, after the last partial chunk.
+    rng = np.random.default_rng(5)
+    blocks = [small_jets(rng, n_jets=7) for _ in range(jetformat.CHUNK_JETS // 7 + 3)]
+    with jetformat.JetWriter(tmp_path / "train.h5", n_max=10) as writer:
+        for p4, label, _ in blocks:
+            writer.append(p4, label)
+    expected = np.concatenate([p4 for p4, _, _ in blocks])
+    assert writer.n_jets == len(expected) > jetformat.CHUNK_JETS
+    jets = jetformat.read_jets(tmp_path / "train.h5")
+    np.testing.assert_array_equal(jets["p4"], expected)
+    np.testing.assert_array_equal(jets["label"], np.concatenate([lab for _, lab, _ in blocks]))
+
+
 @pytest.mark.parametrize(
     "corrupt, message",
     [

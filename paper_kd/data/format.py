@@ -116,6 +116,7 @@ class JetWriter:
         self.path = Path(path)
         self.n_max = int(n_max)
         self.n_jets = 0
+        self._pending, self._pending_jets = [], 0
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = h5py.File(self._tmp, "w")
@@ -152,17 +153,35 @@ class JetWriter:
             p4 = np.pad(p4, ((0, 0), (0, self.n_max - p4.shape[1]), (0, 0)))
         jet_p4 = p4.sum(axis=1) if jet_p4 is None else np.asarray(jet_p4, np.float32)
 
-        start, stop = self.n_jets, self.n_jets + len(p4)
-        for name, values in (
-            ("p4", p4), ("n_constituents", n_constituents), ("label", label), ("jet_p4", jet_p4)
-        ):  # fmt: skip
+        self._pending.append(
+            {"p4": p4, "n_constituents": n_constituents, "label": label, "jet_p4": jet_p4}
+        )
+        self._pending_jets += len(p4)
+        self.n_jets += len(p4)
+        if self._pending_jets >= CHUNK_JETS:
+            self.flush()
+
+    def flush(self):
+        """Write the buffered jets to the (still temporary) file.
+
+        Blocks are buffered up to a whole chunk: appending a few jets at a time
+        would recompress the same partial chunk on every call (measured: the
+        writer then cost as much as FastJet in the generator).
+        """
+        if not self._pending:
+            return
+        start = self._file["label"].shape[0]
+        stop = start + self._pending_jets
+        for name in ("p4", "n_constituents", "label", "jet_p4"):
             dataset = self._file[name]
             dataset.resize(stop, axis=0)
-            dataset[start:stop] = values
-        self.n_jets = stop
+            dataset[start:stop] = np.concatenate([block[name] for block in self._pending])
+        self._pending, self._pending_jets = [], 0
+        self._file.flush()
 
     def close(self):
         """Mark the file complete and move it to its final name."""
+        self.flush()
         self._file.attrs["complete"] = True
         self._file.close()
         os.replace(self._tmp, self.path)
