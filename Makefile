@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PROFILE ?= cpu
+# pip extras: on a machine with an NVIDIA GPU, `make setup EXTRAS=gpu,test` (a fresh .venv).
+EXTRAS ?= cpu,test
 
 .PHONY: setup test test-fast lint table1 figures results bench
 
 $(BIN)/paper-kd: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[cpu,test]"
+	$(BIN)/python -m pip install -e ".[$(EXTRAS)]"
 	touch $@
 
 setup: $(BIN)/paper-kd

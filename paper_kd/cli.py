@@ -24,7 +24,8 @@ COMMANDS = {
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="paper-kd", description=__doc__.splitlines()[0])
+    summary = __doc__.splitlines()[0].replace("``", "")  # plain text, not reST
+    parser = argparse.ArgumentParser(prog="paper-kd", description=summary)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():

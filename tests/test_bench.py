@@ -99,6 +99,12 @@ def test_tiny_bench_runs_every_section(tmp_path, capsys):
 
     paper = sections["lorentznet"]["paper"]["graph"]
     assert paper["train_jets_per_s"] > 0 and paper["inference_jets_per_s"] > 0
+    assert paper["train_jets_per_s_bucketed"] > 0
+    assert 0 < sections["lorentznet"]["edge_efficiency"] <= 1
+    profile = sections["lorentznet"]["paper"]["op_profile"]
+    assert profile["op_ms_per_step"] > 0
+    assert any("MatMul" in op["op"] for op in profile["ops"]), profile["ops"]
+    assert 0.99 >= sum(op["share"] for op in profile["ops"]) > 0.5
     for student in bench.STUDENTS:
         result = sections["students"][student]
         assert result["train_jets_per_s"] > 0 and result["latency_batch1_ms"] > 0
@@ -113,3 +119,23 @@ def test_tiny_bench_runs_every_section(tmp_path, capsys):
     assert sections["pipeline"]["file_streamed_jets_per_s"] > 0
     assert "## students" in (out / "bench.md").read_text()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_edge_efficiency_counts_beams_and_padding():
+    # Jets of 3 and 1 constituents padded to width 3; two beams each: 5 and 3 nodes
+    # in a 5-wide graph. Real edges 5*4 + 3*2 = 26 of 2*5*4 = 40 computed.
+    mask = np.array([[1, 1, 1], [1, 0, 0]], bool)
+    batch = ({"p4": np.zeros((2, 3, 4), np.float32), "mask": mask}, np.array([1, 0]))
+    assert bench._edge_efficiency([batch]) == pytest.approx(26 / 40)
+
+
+def test_bucketed_batches_pad_less_than_random_ones():
+    rng = np.random.default_rng(3)
+    inputs, labels = bench.synthetic_jets(rng, 2048)
+    random = bench._batches(inputs, labels, 32, 16, np.random.default_rng(4))
+    bucketed = bench._bucketed_batches(inputs, labels, 32, 16, np.random.default_rng(4))
+    assert len(bucketed) == 16
+    for batch, label in bucketed:
+        assert batch["mask"].shape[1] == batch["mask"].sum(axis=1).max()
+        assert abs(label.mean() - labels.mean()) < 0.1  # class balance kept
+    assert bench._edge_efficiency(bucketed) > bench._edge_efficiency(random) + 0.1
