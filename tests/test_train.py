@@ -409,3 +409,19 @@ def test_xla_training_on_padded_widths_matches_graph_training(jets_dir, tmp_path
     # only the float rounding (fused multiply-adds).
     for key in ("loss", "val_loss", "val_accuracy"):
         np.testing.assert_allclose(histories[True][key], histories[False][key], rtol=1e-3)
+
+
+@pytest.mark.parametrize("model, warned", [("deepset", True), ("pfn", False)])
+def test_bucketing_a_batch_norm_model_warns(jets_dir, tmp_path, caplog, model, warned):
+    # Bucketed batches cost a BatchNorm model accuracy (measured, see the pipeline's
+    # docstring); a model without BatchNorm trains bucketed silently.
+    hparams = {"deepset": {"width": 8, "latent": 8, "depth": 2}, "pfn": {"phi_sizes": [8]}}
+    config = tiny_config(
+        jets_dir, tmp_path / model, model={"name": model, "hparams": hparams[model]},
+        training={"epochs": 1, "bucket": True},
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="paper_kd.train"):
+        result = train(config)
+    assert len(result.history["val_accuracy"]) == 1
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("bucket: true with a BatchNorm model" in text for text in messages) is warned
