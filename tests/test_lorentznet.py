@@ -87,14 +87,17 @@ def test_padding_content_and_extra_padding_do_not_change_logits(training):
 
     garbage = dict(inputs, p4=inputs["p4"].copy())
     garbage["p4"][~inputs["mask"]] = 123.0
-    np.testing.assert_allclose(logits(model, garbage, training=training), reference, rtol=1e-5)
+    # A wider batch changes how the per-edge sums are blocked: float32 rounding of
+    # ~1e-7 on logits of order 1, where a leak of padding changes them by ~0.1.
+    close = {"rtol": 1e-5, "atol": 1e-6}
+    np.testing.assert_allclose(logits(model, garbage, training=training), reference, **close)
 
     # Five more padding slots: means, sums and BatchNorm statistics must ignore them.
     padded = {
         "p4": np.concatenate([inputs["p4"], np.zeros((4, 5, 4), np.float32)], axis=1),
         "mask": np.concatenate([inputs["mask"], np.zeros((4, 5), bool)], axis=1),
     }
-    np.testing.assert_allclose(logits(model, padded, training=training), reference, rtol=1e-5)
+    np.testing.assert_allclose(logits(model, padded, training=training), reference, **close)
 
 
 def test_reference_readout_divides_by_the_padded_node_count():

@@ -364,18 +364,20 @@ class LorentzEquivariantBlock(keras.layers.Layer):
         if training:
             moments = split_edge_moments(h_i, h_j, invariants, invariant_kernel, edge_mask)
         scale, shift = self.edge_norm.affine_from_moments(moments, training=training)
-        invariant_kernel = invariant_kernel * scale
+        # The per-edge scalars enter through one K = 2 matrix product: a single pass
+        # over the [B, N, N, hidden] tensor forward and backward, where two broadcast
+        # products and a sum took three (and their gradients as many again).
         edges = (
             ops.expand_dims(h_i * scale + shift, 2)
             + ops.expand_dims(h_j * scale, 1)
-            + ops.expand_dims(norms, -1) * invariant_kernel[0]
-            + ops.expand_dims(dots, -1) * invariant_kernel[1]
+            + ops.matmul(invariants, invariant_kernel * scale)
         )  # [batch, node, node, hidden]
         edges = ops.relu(edges)
         messages = self.message_dense(edges)
         gate = ops.sigmoid(self.gate_dense(messages))  # [batch, node, node, 1]
         gate = ops.where(edge_mask_h, gate, ops.zeros_like(gate))
-        aggregated = ops.sum(gate * messages, axis=2)  # [batch, node, hidden]
+        # sum_j gate_ij m_ij as a batched product: no [B, N, N, hidden] temporary.
+        aggregated = ops.einsum("bij,bijh->bih", gate[..., 0], messages)  # [batch, node, hidden]
 
         if not self.last_block:
             # phi_x(gate * messages): the gate is one number per edge, so it is applied
