@@ -235,10 +235,14 @@ def data_fingerprint(data_dir):
 def generation_settings(profile):
     """Everything that decides the generated jets; its hash names the cache folder."""
     from paper_kd import __version__
+    from paper_kd.data.generate import PT_HAT_MIN
 
     data = profile["data"]
-    return {"n_jets": data["n_jets"], "generate": data.get("generate", {}),
-            "paper_kd_version": __version__}  # fmt: skip
+    generate = dict(data.get("generate", {}))
+    # The package's default cut is part of the recipe: a new default must not
+    # reuse jets cached under the old one.
+    generate.setdefault("pt_hat_min", dict(PT_HAT_MIN))
+    return {"n_jets": data["n_jets"], "generate": generate, "paper_kd_version": __version__}
 
 
 def describe_data(infos, source_dir, generated):

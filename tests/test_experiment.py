@@ -200,3 +200,17 @@ def test_output_dir_defaults_keep_the_committed_cpu_figures(tmp_path, monkeypatc
     argv = ["--profile", "smoke", "--output-dir", str(explicit)]
     assert experiment.run_script("table1", "test", body, argv=argv) == 0
     assert seen["smoke"] == explicit
+
+
+def test_generated_data_cache_key_holds_the_default_pt_hat_cut(monkeypatch):
+    from paper_kd.data import generate
+
+    profile = {"data": {"n_jets": {"train": 8, "val": 4, "test": 4}, "generate": {"seed": 1}}}
+    settings = experiment.generation_settings(profile)
+    assert settings["generate"]["pt_hat_min"] == {"top": 350.0, "qcd": 275.0}
+    assert profile["data"]["generate"] == {"seed": 1}  # the profile itself is not changed
+    # A new default gives new settings, hence a new cache folder: no stale jets.
+    monkeypatch.setattr(generate, "PT_HAT_MIN", {"top": 350.0, "qcd": 300.0})
+    assert experiment.generation_settings(profile) != settings
+    explicit = {"data": {**profile["data"], "generate": {"seed": 1, "pt_hat_min": 400.0}}}
+    assert experiment.generation_settings(explicit)["generate"]["pt_hat_min"] == 400.0
