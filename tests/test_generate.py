@@ -170,10 +170,26 @@ def test_merge_without_shards_names_the_missing_shard(tmp_path, capsys):
 
 
 def test_rates_are_measured_on_real_events():
-    rates = generate.pipeline_rate("qcd", 32, seed=5)
-    assert rates["n_events"] == 32 and rates["events_per_s"] > 0
-    assert rates["jets_per_s"] == pytest.approx(rates["n_jets"] / 32 * rates["events_per_s"])
+    n_events = generate.BATCH_EVENTS  # one block
+    rates = generate.pipeline_rate("qcd", n_events, seed=5)
+    assert rates["n_events"] == n_events and rates["events_per_s"] > 0
+    assert rates["jets_per_s"] == pytest.approx(
+        rates["n_jets"] / n_events * rates["events_per_s"]
+    )
     # CPU time never exceeds wall time in one single-threaded process.
     assert rates["events_per_cpu_s"] >= 0.9 * rates["events_per_s"]
     assert generate.raw_event_rate("qcd", 8, seed=5, cpu_time=True) > 0
     json.dumps(rates)
+
+
+def test_jets_do_not_depend_on_events_per_block():
+    # A shard takes its first jets in event order, so the block size (a speed
+    # setting) must not change the data.
+    jets = []
+    for batch_events in (7, 64):
+        source = generate.JetGenerator("qcd", seed=11, pt_hat_min=450.0, batch_events=batch_events)
+        blocks = list(source.jets(12))
+        jets.append({name: np.concatenate([b[name] for b in blocks]) for name in ("p4", "jet_p4")})
+    assert len(jets[0]["p4"]) == 12
+    for name in ("p4", "jet_p4"):
+        np.testing.assert_array_equal(jets[0][name], jets[1][name])

@@ -145,7 +145,7 @@ NEUTRINOS = (12, 14, 16)
 # Events per nextBatch call: large enough to amortize the Python work, small
 # enough for a smooth progress bar. A shard keeps its first jets in event
 # order, so the jets do not depend on it.
-BATCH_EVENTS = 32
+BATCH_EVENTS = 128
 SHARD_JETS = 5000
 # Pythia accepts seeds in [1, 900 000 000].
 _SEED_RANGE = 900_000_000
