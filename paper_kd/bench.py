@@ -451,27 +451,39 @@ def bench_lorentznet(settings, jets, peak_gflops=None):
                 result[key]["train_fraction_of_peak_bucketed"] = _peak_fraction(
                     bucket_rate, flops, peak_gflops, 3
                 )
-                if not jit and settings.op_profile:
-                    result["op_profile"] = _op_profile(step, batches, train)
+                if settings.op_profile:
+                    flops_per_step = _padded_train_flops(model, batches)
+                    result[key]["op_profile"] = _op_profile(step, batches, train, flops_per_step)
             log.info("LorentzNet %s (%s): %s", label, key, result[key])
         out[label] = result
     return out
 
 
-def _op_profile(step, batches, step_seconds, top=12):
-    """Where a training step's time goes, by TensorFlow operation type.
+def _is_product(op):
+    """Whether an op type (graph mode) or thunk name (XLA, ".N" removed) is a matrix product."""
+    # MatMul, _FusedMatMul, BatchMatMulV3; XLA names its products dot or after the TF op.
+    return "MatMul" in op or op in ("Einsum", "dot")
 
-    Runs the (already traced) graph-mode ``step`` over ``batches`` under the
-    TensorFlow profiler and sums the duration of every op event by op type.
-    Ops run on two inter-op threads at once, so the shares are of the summed op
-    time, which can exceed the wall time. XLA-compiled steps appear as one
-    cluster op, so only the graph mode is profiled.
+
+def _op_profile(step, batches, step_seconds, flops_per_step=None, top=12):
+    """Where a training step's time goes, by operation type, graph mode or XLA.
+
+    Runs the (already traced or compiled) ``step`` over ``batches`` under the
+    TensorFlow profiler and sums the duration of every operation event: op
+    types on the graph executor's threads (events ``name:Type``), or the
+    compiled program's thunks on XLA's threads (``dot.12``, ``ynn_fusion.3``,
+    ``add_select_fusion``: the number after the dot is dropped). Operations run
+    on two threads at once, so the shares are of the summed operation time,
+    which can exceed the wall time. ``flops_per_step`` (the matrix products'
+    FLOPs at the batches' padded widths) gives the rate inside the products.
 
     Returns:
-        ``{"wall_ms_per_step", "op_ms_per_step", "ops": [{"op", "ms_per_step",
-        "share"}, ...]}`` for the ``top`` op types, or ``{"unavailable": why}``.
+        ``{"wall_ms_per_step", "op_ms_per_step", "product_share",
+        "product_gflops_per_s", "ops": [{"op", "ms_per_step", "share"}, ...]}``
+        for the ``top`` operation types, or ``{"unavailable": why}``.
     """
     import glob
+    import re
     import shutil
 
     import tensorflow as tf
@@ -501,27 +513,60 @@ def _op_profile(step, batches, step_seconds, top=12):
     for plane in space.planes:
         names = plane.event_metadata
         for line in plane.lines:
-            if not line.name.startswith("tf_Compute"):  # the executor's op threads
+            graph_thread = line.name.startswith("tf_Compute")
+            xla_thread = line.name.startswith("tf_numa") and "Eigen" in line.name
+            if not (graph_thread or xla_thread):
                 continue
             for event in line.events:
                 name = names[event.metadata_id].name
-                op_type = name.rsplit(":", 1)[-1] if ":" in name else ""
-                # Op events are "name:Type"; executor bookkeeping has no type.
-                if op_type and op_type.lstrip("_")[:1].isupper():
-                    seconds[op_type] = seconds.get(op_type, 0.0) + event.duration_ps * 1e-12
+                if graph_thread:
+                    # Op events are "name:Type"; executor bookkeeping has no type.
+                    op_type = name.rsplit(":", 1)[-1] if ":" in name else ""
+                    if not op_type.lstrip("_")[:1].isupper():
+                        continue
+                else:
+                    # Thunks are "hlo_name.N"; the executor's own events contain "::".
+                    if "::" in name:
+                        continue
+                    op_type = re.sub(r"\.\d+$", "", name)
+                seconds[op_type] = seconds.get(op_type, 0.0) + event.duration_ps * 1e-12
     total = sum(seconds.values())
     if not total:
         return {"unavailable": "no op events in the trace"}
+    products = sum(value for op, value in seconds.items() if _is_product(op))
     ranked = sorted(seconds.items(), key=lambda item: -item[1])[:top]
     per_step = 1e3 / len(batches)
+    rate = None
+    if flops_per_step and products:
+        rate = flops_per_step * len(batches) / products / 1e9
     return {
         "wall_ms_per_step": 1e3 * step_seconds,
         "op_ms_per_step": total * per_step,
+        "product_share": products / total,
+        "product_gflops_per_s": rate,
         "ops": [
             {"op": op, "ms_per_step": value * per_step, "share": value / total}
             for op, value in ranked
         ],
     }
+
+
+def _padded_train_flops(model, batches):
+    """FLOPs of one training step (3 forward passes) at each batch's padded width, averaged.
+
+    ``model_size`` counts a jet of ``n`` constituents; a batch computes every jet
+    at its width, so a batch of ``B`` jets costs ``B`` times the count at that width.
+    """
+    counts = {}
+    total = 0.0
+    for batch, _ in batches:
+        width = batch["mask"].shape[1]
+        if width not in counts:
+            counts[width] = _model_size(model, width)["flops_per_jet"]
+        if counts[width] is None:
+            return None
+        total += 3 * len(batch["mask"]) * counts[width]
+    return total / len(batches)
 
 
 def _student_hparams(settings, name):
@@ -955,21 +1000,24 @@ def _section_markdown(name, result):
             f"(`bucket: true`): width {_fmt(result.get('mean_padded_constituents_bucketed'))}, "
             f"edges {_fmt(result.get('edge_efficiency_bucketed'))}.",
         ]
-        profile = _get(result, "paper", "op_profile") if "paper" in result else None
-        if profile and "ops" in profile:
-            lines += [
-                "",
-                "Paper-size training step (graph mode, random batches) by op type: "
-                f"{profile['op_ms_per_step']:.0f} ms of op time per step in "
-                f"{profile['wall_ms_per_step']:.0f} ms of wall time (two op threads).",
-                "",
-            ]
-            lines += _table(
-                [[op["op"], op["ms_per_step"], op["share"]] for op in profile["ops"]],
-                ["op", "ms/step", "share of op time"],
-            )
-        elif profile:
-            lines += ["", f"Op profile unavailable: {profile['unavailable']}"]
+        for mode in ("graph", "xla"):
+            profile = _get(result, "paper", mode, "op_profile") if "paper" in result else None
+            if profile and "ops" in profile:
+                lines += [
+                    "",
+                    f"Paper-size training step ({mode}, random batches) by operation: "
+                    f"{profile['op_ms_per_step']:.0f} ms of operation time per step in "
+                    f"{profile['wall_ms_per_step']:.0f} ms of wall time (two threads); "
+                    f"matrix products {_fmt(profile['product_share'])} of it, at "
+                    f"{_fmt(profile['product_gflops_per_s'])} GFLOP/s.",
+                    "",
+                ]
+                lines += _table(
+                    [[op["op"], op["ms_per_step"], op["share"]] for op in profile["ops"]],
+                    ["operation", "ms/step", "share of operation time"],
+                )
+            elif profile:
+                lines += ["", f"{mode} profile unavailable: {profile['unavailable']}"]
         return lines
     if name == "students":
         rows = []

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from paper_kd import bench, cli
+from paper_kd.models import build_model
 
 
 def test_synthetic_jets_have_realistic_multiplicity_and_format():
@@ -101,10 +102,11 @@ def test_tiny_bench_runs_every_section(tmp_path, capsys):
     assert paper["train_jets_per_s"] > 0 and paper["inference_jets_per_s"] > 0
     assert paper["train_jets_per_s_bucketed"] > 0
     assert 0 < sections["lorentznet"]["edge_efficiency"] <= 1
-    profile = sections["lorentznet"]["paper"]["op_profile"]
+    profile = sections["lorentznet"]["paper"]["graph"]["op_profile"]
     assert profile["op_ms_per_step"] > 0
     assert any("MatMul" in op["op"] for op in profile["ops"]), profile["ops"]
     assert 0.99 >= sum(op["share"] for op in profile["ops"]) > 0.5
+    assert 0 < profile["product_share"] < 1 and profile["product_gflops_per_s"] > 0
     for student in bench.STUDENTS:
         result = sections["students"][student]
         assert result["train_jets_per_s"] > 0 and result["latency_batch1_ms"] > 0
@@ -139,3 +141,27 @@ def test_bucketed_batches_pad_less_than_random_ones():
         assert batch["mask"].shape[1] == batch["mask"].sum(axis=1).max()
         assert abs(label.mean() - labels.mean()) < 0.1  # class balance kept
     assert bench._edge_efficiency(bucketed) > bench._edge_efficiency(random) + 0.1
+
+
+def test_op_profile_reads_the_compiled_step_and_the_products_rate():
+    # XLA runs a compiled program: the profile must read its thunks (dot.N,
+    # fusions), not the graph executor's op events, and find the products in them.
+    rng = np.random.default_rng(4)
+    inputs, labels = bench.synthetic_jets(rng, 16, mean_constituents=10, n_max=20)
+    batches = bench._batches(inputs, labels, 8, 2, rng)
+    model = build_model("lorentznet", n_hidden=8, n_layers=2)
+    model(batches[0][0])
+    step = bench._train_step(model, 1e-3, True)
+    for batch in batches:
+        step(*batch)
+    flops = bench._padded_train_flops(model, batches)
+    profile = bench._op_profile(step, batches, 0.01, flops)
+    assert "ops" in profile, profile
+    names = [op["op"] for op in profile["ops"]]
+    assert not any(name[-1].isdigit() and "." in name for name in names), names
+    assert 0 < profile["product_share"] < 1, names
+    assert profile["product_gflops_per_s"] > 0
+    # Each batch costs 3 passes of its 8 jets at the batch's padded width.
+    per_jet = [bench._model_size(model, b["mask"].shape[1])["flops_per_jet"] for b, _ in batches]
+    assert flops == pytest.approx(3 * 8 * np.mean(per_jet))
+    assert min(per_jet) < bench._model_size(model, 20)["flops_per_jet"]
