@@ -173,9 +173,7 @@ def test_rates_are_measured_on_real_events():
     n_events = generate.BATCH_EVENTS  # one block
     rates = generate.pipeline_rate("qcd", n_events, seed=5)
     assert rates["n_events"] == n_events and rates["events_per_s"] > 0
-    assert rates["jets_per_s"] == pytest.approx(
-        rates["n_jets"] / n_events * rates["events_per_s"]
-    )
+    assert rates["jets_per_s"] == pytest.approx(rates["n_jets"] / n_events * rates["events_per_s"])
     # CPU time never exceeds wall time in one single-threaded process.
     assert rates["events_per_cpu_s"] >= 0.9 * rates["events_per_s"]
     assert generate.raw_event_rate("qcd", 8, seed=5, cpu_time=True) > 0
