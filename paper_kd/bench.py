@@ -519,15 +519,16 @@ def _op_profile(step, batches, step_seconds, flops_per_step=None, top=12):
                 continue
             for event in line.events:
                 name = names[event.metadata_id].name
+                # The executors' own events (ExecutorState::Process,
+                # ThunkExecutor::Execute) span the ops they run: not ops.
+                if "::" in name:
+                    continue
                 if graph_thread:
-                    # Op events are "name:Type"; executor bookkeeping has no type.
+                    # Op events are "name:Type"; other bookkeeping has no type.
                     op_type = name.rsplit(":", 1)[-1] if ":" in name else ""
                     if not op_type.lstrip("_")[:1].isupper():
                         continue
-                else:
-                    # Thunks are "hlo_name.N"; the executor's own events contain "::".
-                    if "::" in name:
-                        continue
+                else:  # thunks are "hlo_name.N"
                     op_type = re.sub(r"\.\d+$", "", name)
                 seconds[op_type] = seconds.get(op_type, 0.0) + event.duration_ps * 1e-12
     total = sum(seconds.values())

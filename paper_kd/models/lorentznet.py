@@ -457,9 +457,14 @@ class LorentzEquivariantBlock(keras.layers.Layer):
         else:
             coordinate_kernel, coordinate_bias, coordinate_out = weights[5:]
             # phi_m's and phi_x's first layers read the messages in one product: one
-            # pass over the [B, N, N, hidden] tensor (and one for its gradient) instead of two.
+            # pass over the [B, N, N, hidden] tensor (and one for its gradient) instead
+            # of two. The product's last column is the gate's logit; it also runs
+            # through phi_x, against a zero row of phi_x's output kernel, so the large
+            # tensor is never sliced (a copy without XLA) and contributes exactly 0.
             both = ops.matmul(messages, ops.concatenate([coordinate_kernel, gate_kernel], axis=1))
-            coordinate_product, gate_logit = both[..., :-1], both[..., -1:]
+            gate_logit = both[..., -1:]
+            coordinate_bias = ops.pad(coordinate_bias, [(0, 1)])
+            coordinate_out = ops.pad(coordinate_out, [(0, 1), (0, 0)])
         gate = ops.sigmoid(gate_logit + gate_bias)
         gate = ops.where(real, gate, ops.zeros_like(gate))
         # sum_j gate_ij m_ij as a batched product: no [B, N, N, hidden] temporary.
@@ -469,7 +474,7 @@ class LorentzEquivariantBlock(keras.layers.Layer):
 
         # phi_x(gate * messages): the gate is one number per edge, so it is applied
         # after the matrix product instead of to its [B, N, N, H] input.
-        coordinate_hidden = ops.relu(gate * coordinate_product + coordinate_bias)
+        coordinate_hidden = ops.relu(gate * both + coordinate_bias)  # [..., hidden + 1]
         weight = ops.matmul(coordinate_hidden, coordinate_out)  # [batch, node, node, 1]
         shift = ops.clip(x_diff * weight, -_COORDINATE_CLAMP, _COORDINATE_CLAMP)
         return aggregated, _masked_sum(shift, real, 2)  # [batch, node, 4]
