@@ -140,6 +140,17 @@ def test_interrupted_run_resumes_from_finished_shards(small_dataset, tmp_path):
     assert read_info(shard_dir / shards[2].name)["n_jets"] == shards[2].n_jets
     assert_same_dataset(read_all(tmp_path), small_dataset)
 
+    # A split recorded with the events per block (a speed setting, files made
+    # before it left the recipe) is still finished: nothing is made again.
+    path = split_path(tmp_path, "val")
+    with h5py.File(path, "a") as handle:
+        provenance = json.loads(handle.attrs["provenance"])
+        provenance["generator"]["batch_events"] = 32
+        handle.attrs["provenance"] = json.dumps(provenance)
+    written = path.stat().st_mtime_ns
+    generate.generate_dataset(tmp_path, SMALL, workers=1, keep_shards=True, **SMALL_OPTIONS)
+    assert path.stat().st_mtime_ns == written
+
     # Asking for another seed in the same folder is refused, not mixed in.
     with pytest.raises(ValueError, match="provenance differs"):
         generate.generate_dataset(tmp_path, SMALL, **{**SMALL_OPTIONS, "seed": 4})

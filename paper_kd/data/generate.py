@@ -512,7 +512,6 @@ def _recipe(n_max, constituent_pt_min, pt_hat_min):
         "constituents": "visible final state, massless (E=|p|), pT-sorted",
         "constituent_pt_min": constituent_pt_min,
         "n_max": n_max,
-        "batch_events": BATCH_EVENTS,
     }
 
 
@@ -534,6 +533,10 @@ def _provenance_matches(path, expected):
         log.warning("%s is not a finished file, made again (%s)", path, error)
         return None
     expected = json.loads(json.dumps(expected))
+    # Files made before 2026-12-04 recorded the events per block, a speed setting
+    # that does not change the jets (tested): they still count as finished.
+    if isinstance(found.get("generator"), dict):
+        found["generator"].pop("batch_events", None)
     return {key: found.get(key) for key in expected} == expected
 
 
