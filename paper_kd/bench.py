@@ -8,7 +8,9 @@
 - ``lorentznet``: teacher training and inference jets/s at the paper's size
   (width 72, 6 blocks) and at the ``cpu`` profile's size, on jets of realistic
   multiplicity (about 57 constituents), with FLOPs per jet and the fraction of
-  the peak reached;
+  the peak reached, on random and on bucketed batches; at the paper's size a
+  profile of the training step by operation, with and without XLA (the share of
+  time in matrix products, and their GFLOP/s at the batches' padded widths);
 - ``students``: each student's training jets/s and inference latency per jet at
   batch 1 (a pre-traced concrete function on tensors, not ``predict``) and jets/s
   at batch 1024, without and with XLA;

@@ -291,7 +291,14 @@ class MaskedBatchNormalization(keras.layers.Layer):
 # backward pass (four with the jet loop's recomputation): about 1.2 GFLOP per jet of
 # 57 constituents (59 nodes, width 72, 6 blocks), and by padding: a batch computes
 # every jet's edges at the width of its largest jet (about 2.2 times the real edges
-# for random batches of 32) unless it is bucketed by multiplicity.
+# for random batches of 32) unless it is bucketed by multiplicity. Profile of the
+# compiled (XLA) training step at the paper's size, random batches of 32, 2-core AMD
+# EPYC (`paper-kd bench`, benchmarks/dev-2026-12-04-full.md): the matrix products take
+# 54% of the time at 101 GFLOP/s, half the measured peak (K = 72: each product reads
+# and writes a [B, N, N, 72] tensor, 18 FLOPs per byte moved: partly memory-bound),
+# the gradient's reductions over the edge tensors (sums over i and over j for the
+# per-node pieces, over everything for biases) 22%, elementwise fusions the rest.
+# So the products alone cap training at ~36 jets/s on random batches, ~59 bucketed.
 @keras.saving.register_keras_serializable(package="paper_kd")
 class LorentzEquivariantBlock(keras.layers.Layer):
     """One Lorentz group equivariant block (LGEB).
