@@ -802,7 +802,7 @@ def _load_jets(settings, data_path):
     else:
         rng = np.random.default_rng(0)
         inputs, labels = synthetic_jets(rng, n_jets, settings.n_constituents, settings.n_max)
-        source = f"synthetic massless jets, {settings.n_constituents} constituents on average"
+        source = "synthetic massless jets"
     multiplicity = inputs["mask"].sum(axis=1)
     return (inputs, labels), {
         "source": source,
@@ -941,6 +941,23 @@ def _table(rows, header):
     return lines
 
 
+def _settings_line(settings, sections):
+    """Which settings made the report: ``--quick`` leaves out XLA and shrinks sections."""
+    profile = settings.get("profile", "?")
+    modes = " and ".join("XLA" if jit else "graph" for jit in settings.get("jit", ()))
+    command = "paper-kd bench" + ("" if profile == "full" else f" --{profile}")
+    if set(sections) != set(SECTIONS):
+        command += f" --only {','.join(sections)}"
+    line = f"Settings: {profile} (`{command}`); "
+    line += f"inference and teacher training timed in {modes or '?'} mode"
+    if profile != "full":
+        line += (
+            f"; distillation against a teacher {dict(settings.get('distill_teacher', ()))}, "
+            f"generation of {', '.join(settings.get('generation_processes', ()))} only"
+        )
+    return line + "; student training always without XLA, as `paper-kd train` runs it."
+
+
 def markdown_report(report):
     """The report as Markdown: machine, targets, then one table per section."""
     machine, sections = report["machine"], report["sections"]
@@ -952,6 +969,7 @@ def markdown_report(report):
         f"load average at start {machine['load_average']}.",
         f"Jets: {report['jets']['source']}, {report['jets']['mean_constituents']:.1f} "
         "constituents on average.",
+        _settings_line(report.get("settings", {}), list(report["sections"])),
         "",
         "FLOPs: 2 per multiply-add, forward pass of a jet of 57 constituents "
         "(`model_size`: layers counted where the model runs them, LorentzNet's first "
@@ -1033,8 +1051,10 @@ def _section_markdown(name, result):
             if not isinstance(v, dict):
                 continue
             for mode, m in v.get("modes", {"graph": v}).items():
+                # Training is timed once, as `paper-kd train` runs it (graph mode).
+                train = v["train_jets_per_s"] if mode == "graph" else None
                 rows.append([
-                    student, mode, v["parameters"], v["flops_per_jet"], v["train_jets_per_s"],
+                    student, mode, v["parameters"], v["flops_per_jet"], train,
                     m["latency_batch1_ms"], m["inference_jets_per_s"],
                     m["inference_fraction_of_peak"],
                 ])  # fmt: skip

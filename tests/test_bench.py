@@ -1,5 +1,5 @@
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import h5py
 import numpy as np
@@ -180,3 +180,11 @@ def test_graph_op_profile_leaves_out_the_executor_events():
     names = [op["op"] for op in profile["ops"]]
     # ExecutorState::Process spans every op it runs: counted, it would double the total.
     assert "Process" not in names and any("MatMul" in name for name in names), names
+
+
+def test_report_says_which_settings_and_sections_made_it():
+    quick = bench._settings_line(bench._jsonable(asdict(bench.BenchSettings.quick())), ["students"])
+    assert "`paper-kd bench --quick --only students`" in quick
+    assert "graph mode" in quick and "XLA" not in quick.split(";")[1]
+    full = bench._settings_line(bench._jsonable(asdict(bench.BenchSettings.full())), bench.SECTIONS)
+    assert "`paper-kd bench`" in full and "graph and XLA mode" in full
