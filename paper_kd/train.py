@@ -485,8 +485,9 @@ def train(config, *, teacher=None, callbacks=(), strategy=None):
 
     if training["bucket"] and _batch_norm_layers(student):
         log.warning(
-            "%s: bucket: true with a BatchNorm model costs validation accuracy (Deep Set, "
-            "cpu profile: 0.911 vs 0.916, see paper_kd.data.pipeline)", config["name"],
+            "%s: bucket: true with a BatchNorm model costs validation accuracy (Deep Set on "
+            "generated jets: 0.904 vs 0.919 at 200 constituents, see paper_kd.data.pipeline)",
+            config["name"],
         )  # fmt: skip
 
     use_cache = distilling and distillation["cache"] is not False
