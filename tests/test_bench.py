@@ -143,17 +143,23 @@ def test_bucketed_batches_pad_less_than_random_ones():
     assert bench._edge_efficiency(bucketed) > bench._edge_efficiency(random) + 0.1
 
 
+def traced_tiny_teacher_step(seed, batch_size, jit):
+    """A small LorentzNet's training step, already traced (or compiled) on two batches."""
+    rng = np.random.default_rng(seed)
+    inputs, labels = bench.synthetic_jets(rng, 2 * batch_size, mean_constituents=10, n_max=20)
+    batches = bench._batches(inputs, labels, batch_size, 2, rng)
+    model = build_model("lorentznet", n_hidden=8, n_layers=2)
+    model(batches[0][0])
+    step = bench._train_step(model, 1e-3, jit)
+    for batch in batches:
+        step(*batch)
+    return model, batches, step
+
+
 def test_op_profile_reads_the_compiled_step_and_the_products_rate():
     # XLA runs a compiled program: the profile must read its thunks (dot.N,
     # fusions), not the graph executor's op events, and find the products in them.
-    rng = np.random.default_rng(4)
-    inputs, labels = bench.synthetic_jets(rng, 16, mean_constituents=10, n_max=20)
-    batches = bench._batches(inputs, labels, 8, 2, rng)
-    model = build_model("lorentznet", n_hidden=8, n_layers=2)
-    model(batches[0][0])
-    step = bench._train_step(model, 1e-3, True)
-    for batch in batches:
-        step(*batch)
+    model, batches, step = traced_tiny_teacher_step(4, 8, jit=True)
     flops = bench._padded_train_flops(model, batches)
     profile = bench._op_profile(step, batches, 0.01, flops)
     assert "ops" in profile, profile
@@ -168,14 +174,7 @@ def test_op_profile_reads_the_compiled_step_and_the_products_rate():
 
 
 def test_graph_op_profile_leaves_out_the_executor_events():
-    rng = np.random.default_rng(5)
-    inputs, labels = bench.synthetic_jets(rng, 8, mean_constituents=10, n_max=20)
-    batches = bench._batches(inputs, labels, 4, 2, rng)
-    model = build_model("lorentznet", n_hidden=8, n_layers=2)
-    model(batches[0][0])
-    step = bench._train_step(model, 1e-3, False)
-    for batch in batches:
-        step(*batch)
+    _, batches, step = traced_tiny_teacher_step(5, 4, jit=False)
     profile = bench._op_profile(step, batches, 0.01)
     names = [op["op"] for op in profile["ops"]]
     # ExecutorState::Process spans every op it runs: counted, it would double the total.
